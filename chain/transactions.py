@@ -1,0 +1,133 @@
+"""Send signed transactions: local signing, nonces tracked for several in flight, receipts with timeouts, and
+reverts decoded into one-line ChainErrors."""
+from __future__ import annotations
+
+import ast
+import threading
+from dataclasses import dataclass
+
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
+
+from .errors import ChainError, decode_revert
+
+
+@dataclass(frozen=True)
+class Receipt:
+    tx_hash: str
+    block_number: int
+    gas_used: int
+    raw: dict
+
+    @property
+    def logs(self):
+        return self.raw["logs"]
+
+
+def _revert_data(exc: Exception):
+    data = getattr(exc, "data", None)
+    if isinstance(data, dict):
+        data = data.get("data")
+    if isinstance(data, str) and data.startswith("0x"):
+        return data
+    for arg in exc.args:
+        if isinstance(arg, str) and arg.startswith("0x") and len(arg) >= 10:
+            return arg
+    return None
+
+
+def _tester_revert_data(exc: Exception) -> bytes | None:
+    """eth-tester reports a revert as "execution reverted: b'<raw bytes repr>'"."""
+    text = str(exc.args[0]) if exc.args else ""
+    prefix = "execution reverted: "
+    if type(exc).__name__ == "TransactionFailed" and text.startswith(prefix + "b"):
+        try:
+            return ast.literal_eval(text[len(prefix):])
+        except (ValueError, SyntaxError):
+            return None
+    return None
+
+
+def as_chain_error(exc: Exception) -> ChainError:
+    if isinstance(exc, ChainError):
+        return exc
+    if isinstance(exc, (ContractCustomError, ContractLogicError)):
+        data = _revert_data(exc)
+        if data:
+            return decode_revert(data)
+        return ChainError(f"reverted: {exc.message if hasattr(exc, 'message') else exc}")
+    raw = _tester_revert_data(exc)
+    if raw is not None:
+        return decode_revert(raw)
+    return ChainError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+class TxSender:
+    """Signs with one account and keeps its nonce, so several transactions can be in flight at once."""
+
+    def __init__(self, w3: Web3, account: LocalAccount, receipt_timeout: float = 120.0):
+        self.w3 = w3
+        self.account = account
+        self.address = account.address
+        self.receipt_timeout = receipt_timeout
+        self._nonce: int | None = None
+        self._lock = threading.Lock()
+        self._chain_id = w3.eth.chain_id
+
+    def _next_nonce(self) -> int:
+        if self._nonce is None:
+            self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        nonce = self._nonce
+        self._nonce += 1
+        return nonce
+
+    def _sign_and_send(self, tx: dict) -> str:
+        signed = self.account.sign_transaction(tx)
+        try:
+            return self.w3.eth.send_raw_transaction(signed.raw_transaction).to_0x_hex()
+        except Exception as exc:
+            self._nonce = None  # resynchronise from the chain next time
+            raise as_chain_error(exc) from None
+
+    def transact(self, call, gas: int | None = None, wait: bool = True):
+        """Send a contract function call (`contract.functions.f(...)`); returns a Receipt, or the tx hash when
+        wait=False. A revert is caught at estimation time and raised as ChainError before any nonce is used."""
+        with self._lock:
+            params = {"from": self.address, "chainId": self._chain_id}
+            if gas is not None:
+                params["gas"] = gas
+            try:
+                tx = call.build_transaction(params)
+            except Exception as exc:
+                raise as_chain_error(exc) from None
+            tx["nonce"] = self._next_nonce()
+            tx_hash = self._sign_and_send(tx)
+        return self.wait(tx_hash) if wait else tx_hash
+
+    def send_value(self, to: str, wei: int) -> Receipt:
+        with self._lock:
+            tx = {"to": to, "value": wei, "from": self.address, "chainId": self._chain_id, "gas": 21000,
+                  "nonce": self._next_nonce(), "maxFeePerGas": 2 * self.w3.eth.gas_price + 10**9,
+                  "maxPriorityFeePerGas": 10**9}
+            tx_hash = self._sign_and_send(tx)
+        return self.wait(tx_hash)
+
+    def wait(self, tx_hash: str) -> Receipt:
+        try:
+            raw = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.receipt_timeout, poll_latency=0.1)
+        except TimeExhausted:
+            raise ChainError(f"transaction {tx_hash} not mined within {self.receipt_timeout:.0f} s") from None
+        receipt = Receipt(raw["transactionHash"].to_0x_hex(), raw["blockNumber"], raw["gasUsed"], dict(raw))
+        if raw["status"] != 1:
+            raise self._failure_reason(raw) from None
+        return receipt
+
+    def _failure_reason(self, raw) -> ChainError:
+        tx = self.w3.eth.get_transaction(raw["transactionHash"])
+        try:
+            self.w3.eth.call({"from": tx["from"], "to": tx["to"], "data": tx["input"], "value": tx["value"]},
+                             raw["blockNumber"] - 1)
+        except Exception as exc:
+            return as_chain_error(exc)
+        return ChainError(f"transaction {raw['transactionHash'].to_0x_hex()} failed (out of gas?)")

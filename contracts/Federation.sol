@@ -1,0 +1,12 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.28;
+
+import {ParticipantRegistry} from "./ParticipantRegistry.sol";
+import {FederationRounds} from "./FederationRounds.sol";
+
+/// @title Federation
+/// @notice One federation on one address: the participant registry (identities, approval, revocation) and the
+/// round state machine (open, submit, finalize, cancel). Its events are the complete audit log.
+contract Federation is FederationRounds {
+    constructor(address admin) ParticipantRegistry(admin) {}
+}

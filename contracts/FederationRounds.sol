@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.28;
+
+import {ParticipantRegistry} from "./ParticipantRegistry.sol";
+
+/// @title FederationRounds
+/// @notice The round state machine of one federation. The aggregator (or an admin) opens a round from a global
+/// adapter with a deadline, a quorum and a digest of the round's rules; approved nodes submit one update each;
+/// the aggregator finalizes with the new global adapter and a verdict for every submission (0 = merged, any other
+/// value = the reason code it was rejected for). Gas per call is constant in the number of participants: the
+/// verdicts are one byte per submission, counted word by word.
+abstract contract FederationRounds is ParticipantRegistry {
+    enum RoundState {
+        None,
+        Open,
+        Finalized,
+        Cancelled
+    }
+
+    /// @dev One storage slot.
+    struct Round {
+        uint64 deadline;
+        uint32 minUpdates;
+        uint32 submissions;
+        uint32 accepted;
+        RoundState state;
+        bool allowBelowQuorum;
+    }
+
+    uint256 public roundCount;
+    mapping(uint256 roundId => Round) private _rounds;
+    /// @notice keccak256(abi.encode(index, cidDigest, fileSha256, numSamples, metricsDigest)) of each submission.
+    mapping(uint256 roundId => mapping(address node => bytes32)) public submissionOf;
+    /// @notice keccak256(abi.encode(cidDigest, fileSha256, keccak256(verdicts))) of each finalized round.
+    mapping(uint256 roundId => bytes32) public resultOf;
+
+    error NotAggregator(address account);
+    error NotParticipant(address node, Status status);
+    error UnknownRound(uint256 roundId);
+    error RoundNotOpen(uint256 roundId, RoundState state);
+    error PreviousRoundOpen(uint256 roundId);
+    error InvalidDeadline(uint64 deadline, uint256 nowTimestamp);
+    error InvalidQuorum();
+    error ZeroDigest();
+    error ZeroSamples();
+    error DeadlinePassed(uint256 roundId, uint64 deadline, uint256 nowTimestamp);
+    error DeadlineNotPassed(uint256 roundId, uint64 deadline);
+    error AlreadySubmitted(uint256 roundId, address node);
+    error VerdictCountMismatch(uint256 roundId, uint256 submissions, uint256 verdicts);
+    error QuorumNotReached(uint256 roundId, uint256 accepted, uint256 minUpdates);
+
+    event RoundOpened(
+        uint256 indexed roundId,
+        address indexed opener,
+        bytes32 baseCidDigest,
+        bytes32 baseSha256,
+        bytes32 rulesDigest,
+        uint64 deadline,
+        uint32 minUpdates,
+        bool allowBelowQuorum
+    );
+    event UpdateSubmitted(
+        uint256 indexed roundId,
+        address indexed node,
+        uint32 index,
+        bytes32 cidDigest,
+        bytes32 fileSha256,
+        uint64 numSamples,
+        bytes32 metricsDigest
+    );
+    event RoundFinalized(
+        uint256 indexed roundId,
+        address indexed aggregator,
+        bytes32 cidDigest,
+        bytes32 fileSha256,
+        uint32 accepted,
+        bytes verdicts
+    );
+    event RoundCancelled(uint256 indexed roundId, address indexed by);
+
+    modifier onlyCoordinator() {
+        if (!hasRole(AGGREGATOR_ROLE, msg.sender) && !hasRole(DEFAULT_ADMIN_ROLE, msg.sender)) {
+            revert NotAggregator(msg.sender);
+        }
+        _;
+    }
+
+    /// @notice Open the next round. Rounds run one at a time, in order.
+    /// @param rulesDigest sha256 of the canonical JSON rules (aggregation rule, parameters, privacy parameters).
+    function openRound(
+        bytes32 baseCidDigest,
+        bytes32 baseSha256,
+        bytes32 rulesDigest,
+        uint64 deadline,
+        uint32 minUpdates,
+        bool allowBelowQuorum
+    ) external onlyCoordinator returns (uint256 roundId) {
+        if (baseCidDigest == bytes32(0) || baseSha256 == bytes32(0) || rulesDigest == bytes32(0)) revert ZeroDigest();
+        if (deadline <= block.timestamp) revert InvalidDeadline(deadline, block.timestamp);
+        if (minUpdates == 0) revert InvalidQuorum();
+        uint256 previous = roundCount;
+        if (previous != 0 && _rounds[previous].state == RoundState.Open) revert PreviousRoundOpen(previous);
+        roundId = previous + 1;
+        roundCount = roundId;
+        _rounds[roundId] = Round({
+            deadline: deadline,
+            minUpdates: minUpdates,
+            submissions: 0,
+            accepted: 0,
+            state: RoundState.Open,
+            allowBelowQuorum: allowBelowQuorum
+        });
+        emit RoundOpened(
+            roundId, msg.sender, baseCidDigest, baseSha256, rulesDigest, deadline, minUpdates, allowBelowQuorum
+        );
+    }
+
+    /// @notice Record the caller's update for an open round: at most one per node per round, before the deadline.
+    function submitUpdate(
+        uint256 roundId,
+        bytes32 cidDigest,
+        bytes32 fileSha256,
+        uint64 numSamples,
+        bytes32 metricsDigest
+    ) external {
+        Round storage r = _rounds[roundId];
+        if (r.state != RoundState.Open) {
+            if (r.state == RoundState.None) revert UnknownRound(roundId);
+            revert RoundNotOpen(roundId, r.state);
+        }
+        if (block.timestamp > r.deadline) revert DeadlinePassed(roundId, r.deadline, block.timestamp);
+        Status status = statusOf(msg.sender);
+        if (status != Status.Approved) revert NotParticipant(msg.sender, status);
+        if (cidDigest == bytes32(0) || fileSha256 == bytes32(0)) revert ZeroDigest();
+        if (numSamples == 0) revert ZeroSamples();
+        if (submissionOf[roundId][msg.sender] != bytes32(0)) revert AlreadySubmitted(roundId, msg.sender);
+        uint32 index = r.submissions;
+        r.submissions = index + 1;
+        submissionOf[roundId][msg.sender] =
+            keccak256(abi.encode(index, cidDigest, fileSha256, numSamples, metricsDigest));
+        emit UpdateSubmitted(roundId, msg.sender, index, cidDigest, fileSha256, numSamples, metricsDigest);
+    }
+
+    /// @notice Close a round with its new global adapter.
+    /// @param verdicts one byte per submission, in submission order: 0 = merged, otherwise the rejection reason.
+    function finalize(uint256 roundId, bytes32 cidDigest, bytes32 fileSha256, bytes calldata verdicts)
+        external
+    {
+        if (!hasRole(AGGREGATOR_ROLE, msg.sender)) revert NotAggregator(msg.sender);
+        Round storage r = _rounds[roundId];
+        if (r.state != RoundState.Open) {
+            if (r.state == RoundState.None) revert UnknownRound(roundId);
+            revert RoundNotOpen(roundId, r.state);
+        }
+        if (cidDigest == bytes32(0) || fileSha256 == bytes32(0)) revert ZeroDigest();
+        if (verdicts.length != r.submissions) revert VerdictCountMismatch(roundId, r.submissions, verdicts.length);
+        uint256 accepted = _countZeroBytes(verdicts);
+        if (accepted == 0 || (accepted < r.minUpdates && !(r.allowBelowQuorum && block.timestamp > r.deadline))) {
+            revert QuorumNotReached(roundId, accepted, r.minUpdates);
+        }
+        r.state = RoundState.Finalized;
+        r.accepted = uint32(accepted);
+        resultOf[roundId] = keccak256(abi.encode(cidDigest, fileSha256, keccak256(verdicts)));
+        emit RoundFinalized(roundId, msg.sender, cidDigest, fileSha256, uint32(accepted), verdicts);
+    }
+
+    /// @notice Give up a round whose deadline passed without a result; the next round can then be opened.
+    function cancelRound(uint256 roundId) external onlyCoordinator {
+        Round storage r = _rounds[roundId];
+        if (r.state != RoundState.Open) {
+            if (r.state == RoundState.None) revert UnknownRound(roundId);
+            revert RoundNotOpen(roundId, r.state);
+        }
+        if (block.timestamp <= r.deadline) revert DeadlineNotPassed(roundId, r.deadline);
+        r.state = RoundState.Cancelled;
+        emit RoundCancelled(roundId, msg.sender);
+    }
+
+    function getRound(uint256 roundId) external view returns (Round memory) {
+        return _rounds[roundId];
+    }
+
+    /// @dev Number of zero bytes in `data`, 32 bytes at a time (SWAR), so the cost grows by one step per 32
+    /// submissions rather than one per submission.
+    function _countZeroBytes(bytes calldata data) private pure returns (uint256 zeros) {
+        uint256 lows = 0x0101010101010101010101010101010101010101010101010101010101010101;
+        uint256 highs = lows << 7;
+        uint256 len = data.length;
+        for (uint256 offset = 0; offset < len; offset += 32) {
+            uint256 word;
+            assembly {
+                word := calldataload(add(data.offset, offset))
+            }
+            uint256 remaining = len - offset;
+            if (remaining < 32) {
+                // Bytes past the end read as zero: make them non-zero so they are not counted.
+                word |= lows >> (remaining * 8);
+            }
+            unchecked {
+                // A byte is zero iff neither its low seven bits nor its top bit are set.
+                uint256 nonzero = (((word & ~highs) + ~highs) | word) & highs;
+                zeros += (((nonzero ^ highs) >> 7) * lows) >> 248;
+            }
+        }
+    }
+}
