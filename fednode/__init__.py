@@ -1,0 +1,1 @@
+"""fedchain's hospital side: data, LoRA training, adapter packaging, storage, node, aggregator, audit, CLI."""
