@@ -76,10 +76,11 @@ class TxSender:
         self._chain_id = w3.eth.chain_id
 
     def _next_nonce(self) -> int:
-        if self._nonce is None:
-            self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
-        nonce = self._nonce
-        self._nonce += 1
+        """The next nonce: ours when several are in flight, the chain's when another sender of the same
+        account (or a restart) moved it on."""
+        pending = self.w3.eth.get_transaction_count(self.address, "pending")
+        nonce = pending if self._nonce is None else max(self._nonce, pending)
+        self._nonce = nonce + 1
         return nonce
 
     def _sign_and_send(self, tx: dict) -> str:
@@ -124,10 +125,12 @@ class TxSender:
         return receipt
 
     def _failure_reason(self, raw) -> ChainError:
+        """Replay a mined, reverted transaction to decode its error: in its own block (the block's time, the state
+        after it), so a revert caused by an earlier transaction of that block or by its timestamp is found too."""
         tx = self.w3.eth.get_transaction(raw["transactionHash"])
         try:
             self.w3.eth.call({"from": tx["from"], "to": tx["to"], "data": tx["input"], "value": tx["value"]},
-                             raw["blockNumber"] - 1)
+                             raw["blockNumber"])
         except Exception as exc:
             return as_chain_error(exc)
         return ChainError(f"transaction {raw['transactionHash'].to_0x_hex()} failed (out of gas?)")
