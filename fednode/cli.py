@@ -2,30 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import sys
 from pathlib import Path
 
 
-def _password(prompt: str) -> str:
-    password = os.environ.get("FEDCHAIN_PASSWORD")
-    if password:
-        return password
-    if not sys.stdin.isatty():
-        raise ValueError("no keystore password: set FEDCHAIN_PASSWORD or run in a terminal to be prompted")
-    return getpass.getpass(prompt)
-
-
 def signer_from_args(w3, args):
     """The account given by --keystore (password from FEDCHAIN_PASSWORD or a prompt) or --dev-account N."""
     from chain.wallet import dev_account, load_keystore
 
+    from .participant import password_for
+
     if getattr(args, "keystore", None):
         if not Path(args.keystore).is_file():
             raise ValueError(f"keystore {args.keystore} not found")
-        return load_keystore(Path(args.keystore), _password(f"password for {args.keystore}: "))
+        return load_keystore(Path(args.keystore), password_for(args.keystore))
     return dev_account(w3, args.dev_account)
 
 
@@ -78,6 +70,19 @@ def cmd_chain_events(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+    from .training import TrainSettings
+
+    if args.clients < 1 or args.rounds < 1:
+        raise ValueError("--clients and --rounds must be at least 1")
+    cfg = DemoConfig(model=args.model, clients=args.clients, rounds=args.rounds, partition=args.partition,
+                     source=args.source, alpha=args.alpha, seed=args.seed, out=Path(args.out),
+                     train=TrainSettings(steps=args.steps, seed=args.seed))
+    run_demo(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedchain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployment", required=True)
     p.add_argument("--page", type=int, default=2000, help="blocks per get_logs request")
     p.set_defaults(func=cmd_chain_events)
+
+    p = sub.add_parser("demo", help="a whole federation on the embedded chain and store, in one process")
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
+    p.add_argument("--clients", type=int, default=3, help="number of hospitals")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--partition", default="natural", choices=["natural", "dirichlet"])
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (with --partition dirichlet)")
+    p.add_argument("--source", default="icd10", choices=["icd10", "drugs", "mixed"])
+    p.add_argument("--steps", type=int, default=30, help="local training steps per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

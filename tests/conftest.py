@@ -145,3 +145,18 @@ def anvil(tmp_path_factory):
 def anvil_fed(anvil) -> FedChain:
     """A fresh deployment on the module's anvil."""
     return FedChain.deploy(connect(anvil.url))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """A per-session model cache, so every test run builds its tiny base from scratch exactly once."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def icd_base(model_cache):
+    """The demo's tiny base model, briefly pretrained on the ICD-10 corpus of the default data config."""
+    from fednode.data import DataConfig, corpus_texts
+    from fednode.model import load_base_model
+
+    return load_base_model("tiny", model_cache, corpus=lambda: corpus_texts(DataConfig(), 4000), seed=0)

@@ -1,0 +1,123 @@
+"""A hospital node: joins with its wallet, then each round fetches the global adapter, trains on its own data,
+packages, publishes and anchors its update. Patient text never leaves this object."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from chain.clients import Federation, RoundState
+from chain.transactions import Receipt
+
+from .adapter import pack_adapter
+from .data import ClientData
+from .ledger import RoundRecord
+from .model import model_identity
+from .publish import adapter_metadata, fetch_adapter, publish_bytes, publish_json
+from .rules import FederationRules
+from .storage import Storage
+from .timing import Stopwatch
+from .training import LoraTrainer, TrainSettings
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    round_id: int
+    data: bytes
+    num_samples: int
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class SubmittedUpdate:
+    round_id: int
+    cid: str
+    cid_digest: bytes
+    file_sha256: bytes
+    num_samples: int
+    metrics: dict
+    metrics_cid: str
+    receipt: Receipt
+
+
+class Node:
+    def __init__(self, fed: Federation, store: Storage, trainer: LoraTrainer, client: ClientData,
+                 rules: FederationRules, train: TrainSettings, federation_id: str,
+                 stopwatch: Stopwatch | None = None):
+        self.fed = fed
+        self.store = store
+        self.trainer = trainer
+        self.client = client
+        self.rules = rules
+        self.train_settings = train
+        self.federation_id = federation_id
+        self.stopwatch = stopwatch or Stopwatch()
+        self._evaluations: dict[bytes, dict] = {}
+
+    @property
+    def address(self) -> str:
+        return self.fed.address
+
+    @property
+    def model_id(self) -> bytes:
+        return model_identity(self.rules.base_model, self.rules.lora)
+
+    def join(self, card: dict | None = None) -> Receipt:
+        """Register this node's wallet and model identity; the model card goes to storage, its digest on-chain."""
+        card = {"node": self.address, "hospital": self.client.name, "base_model": self.rules.base_model,
+                "adapter": self.rules.lora, **(card or {})}
+        with self.stopwatch("storage"):
+            _, card_digest = publish_json(self.store, card)
+        with self.stopwatch("chain"):
+            return self.fed.join(self.model_id, card_digest)
+
+    def has_submitted(self, round_id: int) -> bool:
+        with self.stopwatch("chain"):
+            return self.fed.submission_commitment(round_id, self.address) != bytes(32)
+
+    def global_state(self, rec: RoundRecord) -> dict:
+        """The adapter a round starts from, fetched and checked against the on-chain digests."""
+        return self.global_state_from(rec.base_cid_digest, rec.base_sha256)
+
+    def global_state_from(self, cid_digest: bytes, sha256: bytes) -> dict:
+        with self.stopwatch("storage"):
+            state, _ = fetch_adapter(self.store, cid_digest, sha256, self.rules.max_adapter_bytes,
+                                     self.rules.base_model)
+        return state
+
+    def evaluate(self, cid_digest: bytes, state: dict) -> dict:
+        """Loss and perplexity of an adapter on this hospital's held-out split (cached per adapter)."""
+        if cid_digest not in self._evaluations:
+            with self.stopwatch("evaluation"):
+                self._evaluations[cid_digest] = self.trainer.evaluate(self.client.eval, state)
+        return self._evaluations[cid_digest]
+
+    def train(self, rec: RoundRecord) -> LocalUpdate:
+        """Train from the round's global adapter on local data and package the result canonically."""
+        start = self.global_state(rec)
+        start_eval = self.evaluate(rec.base_cid_digest, start)
+        settings = replace(self.train_settings, seed=self.train_settings.seed + rec.round_id)
+        with self.stopwatch("training"):
+            state, stats = self.trainer.train(self.client.train, settings, start,
+                                              progress=f"{self.client.name} round {rec.round_id}")
+        metrics = {"round": rec.round_id, "node": self.address, "hospital": self.client.name,
+                   "train_loss": stats["train_loss"], "steps": stats["steps"], "samples": stats["samples"],
+                   "tokens": stats["tokens"], "global_eval_loss": start_eval["loss"],
+                   "global_eval_perplexity": start_eval["perplexity"]}
+        meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
+                                self.rules.lora, "update")
+        return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)
+
+    def publish_and_submit(self, round_id: int, data: bytes, num_samples: int, metrics: dict) -> SubmittedUpdate:
+        """Publish the update's bytes and its metrics, then anchor both digests on-chain."""
+        with self.stopwatch("storage"):
+            cid, cid_digest, sha = publish_bytes(self.store, data)
+            metrics_cid, metrics_digest = publish_json(self.store, metrics)
+        with self.stopwatch("chain"):
+            receipt = self.fed.submit_update(round_id, cid_digest, sha, num_samples, metrics_digest)
+        return SubmittedUpdate(round_id, cid, cid_digest, sha, num_samples, metrics, metrics_cid, receipt)
+
+    def participate(self, rec: RoundRecord) -> SubmittedUpdate | None:
+        """Train, publish and submit for an open round; None if this node already submitted to it (a restart)."""
+        if rec.state != RoundState.OPEN or self.has_submitted(rec.round_id):
+            return None
+        update = self.train(rec)
+        return self.publish_and_submit(rec.round_id, update.data, update.num_samples, update.metrics)

@@ -1,0 +1,95 @@
+"""Everything a participant process builds from its config: chain connection, deployment, wallet, storage,
+base model, local data and the federation's rules."""
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from functools import cached_property
+
+from chain.clients import Federation
+from chain.connection import connect
+from chain.deployment import Deployment
+from chain.wallet import load_keystore
+from web3 import Web3
+
+from .config import Config, ConfigError
+from .data import ClientData, build_clients, corpus_texts
+from .model import BaseModel, load_base_model
+from .rules import FederationRules
+from .storage import EmbeddedStore, IpfsHttpStore, Storage
+from .training import LoraTrainer
+
+
+def password_for(keystore: str) -> str:
+    """$FEDCHAIN_PASSWORD, else a prompt when a terminal is attached."""
+    password = os.environ.get("FEDCHAIN_PASSWORD")
+    if password:
+        return password
+    if not sys.stdin.isatty():
+        raise ConfigError(f"no password for keystore {keystore}: set FEDCHAIN_PASSWORD or run in a terminal")
+    return getpass.getpass(f"password for {keystore}: ")
+
+
+class Participant:
+    """Lazily built resources of one participant; each is created once, when first used."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    @cached_property
+    def w3(self) -> Web3:
+        return connect(self.config.chain.rpc)
+
+    @cached_property
+    def deployment(self) -> Deployment:
+        deployment = Deployment.load(self.config.resolve(self.config.chain.deployment))
+        deployment.check_chain(self.w3)
+        return deployment
+
+    @cached_property
+    def account(self):
+        keystore = self.config.wallet.keystore
+        if not keystore:
+            raise ConfigError(f"{self.config.path}: [wallet] keystore is required for this command")
+        path = self.config.resolve(keystore)
+        if not path.is_file():
+            raise ConfigError(f"{self.config.path}: [wallet] keystore {path} not found (create it with "
+                              "`fedchain wallet new`)")
+        return load_keystore(path, password_for(str(path)))
+
+    @cached_property
+    def federation(self) -> Federation:
+        return Federation(self.w3, self.deployment, self.account)
+
+    @property
+    def federation_id(self) -> str:
+        return f"{self.deployment.chain_id}:{self.deployment.address('Federation').lower()}"
+
+    @cached_property
+    def store(self) -> Storage:
+        spec = self.config.storage.ipfs
+        if spec.startswith("embedded:"):
+            return EmbeddedStore(self.config.resolve(spec.removeprefix("embedded:")))
+        return IpfsHttpStore(spec, timeout_s=self.config.storage.timeout)
+
+    @cached_property
+    def base(self) -> BaseModel:
+        data_cfg = self.config.data_config
+        return load_base_model(self.config.model.name, self.config.cache_dir,
+                               corpus=lambda: corpus_texts(data_cfg, 4000), seed=data_cfg.seed)
+
+    @cached_property
+    def trainer(self) -> LoraTrainer:
+        return LoraTrainer(self.base, self.config.lora)
+
+    @cached_property
+    def client(self) -> ClientData:
+        return build_clients(self.config.data_config)[self.config.data.client]
+
+    @cached_property
+    def rules(self) -> FederationRules:
+        f = self.config.federation
+        return FederationRules(base_model=self.base.digest, lora=self.config.lora.to_json(),
+                               aggregation=f.aggregation, weighting=f.weighting, max_update_norm=f.max_update_norm,
+                               max_adapter_bytes=f.max_adapter_bytes, rounds=f.rounds)

@@ -1,0 +1,57 @@
+"""A federation's rules: everything an auditor needs to re-run verification and aggregation for a round.
+
+The canonical JSON bytes are published to storage and their sha256 (which is also the digest of their raw CID)
+is committed on-chain when a round opens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+RULES_VERSION = 1
+
+
+class RulesError(ValueError):
+    """Rules that cannot be applied (unknown rule, bad parameter)."""
+
+
+def canonical_json(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@dataclass(frozen=True)
+class FederationRules:
+    base_model: str                       # hex digest of the base model every update must be trained on
+    lora: dict                            # adapter config (r, alpha, dropout, target_modules)
+    aggregation: str = "fedavg"           # a name in fednode.aggregate.STRATEGIES
+    params: dict = field(default_factory=dict)  # the aggregation rule's parameters
+    weighting: str = "num_samples"        # FedAvg weights: "num_samples" or "uniform"
+    max_update_norm: float = 50.0         # L2 bound on (update - global start), per update
+    max_adapter_bytes: int = 64 * 1024 * 1024
+    privacy: dict = field(default_factory=dict)  # e.g. {"mechanism": "none"}; DP parameters later
+    rounds: int = 1                       # the federation ends after this many finalized rounds
+    version: int = RULES_VERSION
+
+    def __post_init__(self):
+        if self.weighting not in ("num_samples", "uniform"):
+            raise RulesError(f"weighting must be 'num_samples' or 'uniform', got {self.weighting!r}")
+        if not self.max_update_norm > 0:
+            raise RulesError(f"max_update_norm must be > 0, got {self.max_update_norm}")
+        if self.rounds < 1:
+            raise RulesError(f"rounds must be at least 1, got {self.rounds}")
+        if self.max_adapter_bytes <= 0:
+            raise RulesError(f"max_adapter_bytes must be > 0, got {self.max_adapter_bytes}")
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(asdict(self))
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.to_bytes()).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "FederationRules":
+        try:
+            return cls(**json.loads(data))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise RulesError(f"not a fedchain rules document: {exc}") from None

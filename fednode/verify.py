@@ -1,0 +1,140 @@
+"""Verification of one submitted update against the chain record, the stored bytes and the round's rules.
+
+Each rejection has a reason code that goes on-chain in the round's verdicts (0 = merged)."""
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import AdapterError, unpack_adapter
+from .cid import cid_digest, cid_of
+from .ledger import ParticipantRecord, Submission
+from .publish import locate
+from .rules import FederationRules
+from .storage import Storage, StorageError, StorageTooLarge
+
+
+class Reason(enum.IntEnum):
+    ACCEPTED = 0
+    NOT_APPROVED = 1      # sender not an approved participant at the submission's block
+    REVOKED = 2           # sender revoked before the round was aggregated
+    WRONG_ROUND = 3       # the file's metadata names another round (e.g. a replayed old update)
+    WRONG_FEDERATION = 4  # the file's metadata names another federation
+    WRONG_NODE = 5        # the file's metadata names another node (a copied update)
+    WRONG_BASE_MODEL = 6  # trained on another base model
+    UNAVAILABLE = 7       # the bytes cannot be fetched from storage
+    TOO_LARGE = 8         # over the rules' size bound
+    SHA256_MISMATCH = 9   # the bytes' sha256 differs from the on-chain digest
+    CID_MISMATCH = 10     # the bytes' CID differs from the on-chain CID digest
+    NOT_SAFETENSORS = 11  # not a safetensors file (e.g. a pickle), parsed without executing anything
+    BAD_METADATA = 12     # metadata missing or malformed
+    SHAPE_MISMATCH = 13   # keys, shapes or dtypes differ from the global adapter's
+    NON_FINITE = 14       # NaN or infinity in a tensor
+    NORM_TOO_LARGE = 15   # ||update - global|| over the rules' bound
+
+
+@dataclass(frozen=True)
+class Verdict:
+    submission: Submission
+    reason: Reason
+    detail: str
+    state: dict | None = None  # parsed tensors, only when accepted
+    update_norm: float | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason == Reason.ACCEPTED
+
+
+def update_norm(state: dict, start: dict) -> float:
+    """L2 norm of state - start, accumulated in float64 in sorted key order."""
+    total = 0.0
+    for key in sorted(start):
+        total += float(torch.sum((state[key].to(torch.float64) - start[key].to(torch.float64)) ** 2))
+    return math.sqrt(total)
+
+
+@dataclass
+class RoundContext:
+    """What a verifier knows about the round: enough to re-run verification from chain + storage alone."""
+    federation_id: str
+    round_id: int
+    rules: FederationRules
+    global_state: dict           # the adapter the round started from
+    participants: dict[str, ParticipantRecord]
+    as_of_block: int             # revocations at or before this block reject (the aggregation/finalize block)
+
+
+def check_participant(sub: Submission, ctx: RoundContext) -> Verdict | None:
+    p = ctx.participants.get(sub.node)
+    if p is None or p.approved_block is None or p.approved_block > sub.block_number \
+            or (p.revoked_block is not None and p.revoked_block <= sub.block_number):
+        return Verdict(sub, Reason.NOT_APPROVED, f"{sub.node} was not an approved participant at block "
+                                                 f"{sub.block_number}")
+    if p.revoked_block is not None and p.revoked_block <= ctx.as_of_block:
+        return Verdict(sub, Reason.REVOKED, f"{sub.node} was revoked at block {p.revoked_block}")
+    return None
+
+
+def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
+    """Every check on the fetched bytes, cheapest first; never executes anything from the file."""
+    def reject(reason: Reason, detail: str) -> Verdict:
+        return Verdict(sub, reason, detail)
+
+    if len(data) > ctx.rules.max_adapter_bytes:
+        return reject(Reason.TOO_LARGE, f"{len(data)} bytes > {ctx.rules.max_adapter_bytes}")
+    sha = hashlib.sha256(data).digest()
+    if sha != sub.file_sha256:
+        return reject(Reason.SHA256_MISMATCH, f"sha256 {sha.hex()[:16]}… != on-chain {sub.file_sha256.hex()[:16]}…")
+    actual_cid = cid_of(data)
+    if cid_digest(actual_cid) != sub.cid_digest:
+        return reject(Reason.CID_MISMATCH, f"CID {actual_cid} does not match the on-chain CID digest")
+    try:
+        state, meta = unpack_adapter(data, ctx.rules.max_adapter_bytes)
+    except AdapterError as exc:
+        reason = {"too_large": Reason.TOO_LARGE, "bad_metadata": Reason.BAD_METADATA}.get(
+            exc.reason, Reason.NOT_SAFETENSORS)
+        return reject(reason, str(exc))
+    expected = {"fedchain.federation": ctx.federation_id, "fedchain.round": str(ctx.round_id),
+                "fedchain.node": sub.node, "fedchain.base_model": ctx.rules.base_model}
+    codes = {"fedchain.federation": Reason.WRONG_FEDERATION, "fedchain.round": Reason.WRONG_ROUND,
+             "fedchain.node": Reason.WRONG_NODE, "fedchain.base_model": Reason.WRONG_BASE_MODEL}
+    for key, want in expected.items():
+        got = meta.get(key)
+        if got is None:
+            return reject(Reason.BAD_METADATA, f"metadata lacks {key}")
+        if got.lower() != want.lower():
+            return reject(codes[key], f"{key} is {got!r}, expected {want!r}")
+    if sorted(state) != sorted(ctx.global_state):
+        missing = sorted(set(ctx.global_state) - set(state))[:2]
+        extra = sorted(set(state) - set(ctx.global_state))[:2]
+        return reject(Reason.SHAPE_MISMATCH, f"tensor names differ (missing {missing}, unexpected {extra})")
+    for key in sorted(state):
+        want = ctx.global_state[key]
+        if state[key].shape != want.shape or state[key].dtype != want.dtype:
+            return reject(Reason.SHAPE_MISMATCH, f"{key}: {tuple(state[key].shape)} {state[key].dtype} != "
+                                                 f"{tuple(want.shape)} {want.dtype}")
+        if not bool(torch.isfinite(state[key]).all()):
+            return reject(Reason.NON_FINITE, f"{key} holds NaN or infinity")
+    norm = update_norm(state, ctx.global_state)
+    if norm > ctx.rules.max_update_norm:
+        return reject(Reason.NORM_TOO_LARGE, f"update norm {norm:.3f} > bound {ctx.rules.max_update_norm}")
+    return Verdict(sub, Reason.ACCEPTED, f"update norm {norm:.3f}", state, norm)
+
+
+def verify_submission(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict:
+    early = check_participant(sub, ctx)
+    if early is not None:
+        return early
+    cid = locate(store, sub.cid_digest, sub.file_sha256)
+    try:
+        data = store.get(cid, max_bytes=ctx.rules.max_adapter_bytes)
+    except StorageTooLarge as exc:
+        return Verdict(sub, Reason.TOO_LARGE, str(exc))
+    except StorageError as exc:
+        return Verdict(sub, Reason.UNAVAILABLE, str(exc))
+    return verify_bytes(sub, data, ctx)
