@@ -10,14 +10,12 @@ from pathlib import Path
 
 def signer_from_args(w3, args):
     """The account given by --keystore (password from FEDCHAIN_PASSWORD or a prompt) or --dev-account N."""
-    from chain.wallet import dev_account, load_keystore
-
-    from .participant import password_for
+    from chain.wallet import dev_account, keystore_password, load_keystore
 
     if getattr(args, "keystore", None):
         if not Path(args.keystore).is_file():
             raise ValueError(f"keystore {args.keystore} not found")
-        return load_keystore(Path(args.keystore), password_for(args.keystore))
+        return load_keystore(Path(args.keystore), keystore_password(args.keystore))
     return dev_account(w3, args.dev_account)
 
 
@@ -83,6 +81,119 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_stack(args) -> int:
+    from . import stack
+
+    if args.stack_command == "up":
+        result = stack.up(Path(args.dir), args.anvil_port, args.ipfs_port)
+        print(f"stack up in {result.startup_seconds['total']:.1f} s: rpc = \"{result.rpc}\", "
+              f"ipfs = \"{result.ipfs_api}\"")
+    elif args.stack_command == "down":
+        stack.down(Path(args.dir))
+    else:
+        health = stack.status(Path(args.dir))
+        for name, ok in health.items():
+            print(f"{name:<6} {'up' if ok else 'down'}")
+        return 0 if all(health.values()) else 1
+    return 0
+
+
+def cmd_wallet_new(args) -> int:
+    from chain.wallet import keystore_password, new_keystore
+
+    account = new_keystore(Path(args.out), keystore_password(args.out))
+    print(f"{account.address}  (keystore {args.out})")
+    return 0
+
+
+def cmd_wallet_fund(args) -> int:
+    from chain.connection import connect
+    from chain.wallet import dev_account, fund
+
+    w3 = connect(args.rpc)
+    fund(w3, dev_account(w3, args.dev_account), args.to, int(args.ether * 10**18))
+    print(f"sent {args.ether} ETH to {args.to}; balance {w3.eth.get_balance(args.to) / 10**18:g} ETH")
+    return 0
+
+
+def _participant(args):
+    from .config import load_config
+    from .participant import Participant
+
+    return Participant(load_config(args.config))
+
+
+def cmd_node_join(args) -> int:
+    from .node import Node
+
+    p = _participant(args)
+    node = Node(p.federation, p.store, None, p.client, p.rules, p.config.train, p.federation_id)
+    receipt = node.join({"description": args.description} if args.description else None)
+    print(f"{node.address} joined as {p.client.name}: model identity 0x{node.model_id.hex()} "
+          f"(tx {receipt.tx_hash}, gas {receipt.gas_used:,}); waiting for an admin to approve it")
+    return 0
+
+
+def cmd_admin(args) -> int:
+    p = _participant(args)
+    fed = p.federation
+    if args.admin_command == "approve":
+        receipt = fed.approve(args.address)
+    elif args.admin_command == "revoke":
+        receipt = fed.revoke(args.address, args.reason)
+    else:
+        from .ledger import Ledger
+
+        for record in Ledger(fed).refresh().participants.values():
+            state = fed.participant(record.address).status.name.lower()
+            print(f"{record.address}  {state:<8} joined at block {record.joined_block}  "
+                  f"model 0x{record.model_id.hex()[:16]}…")
+        return 0
+    print(f"{args.admin_command}d {args.address} (tx {receipt.tx_hash}, gas {receipt.gas_used:,})")
+    return 0
+
+
+def cmd_round_open(args) -> int:
+    from .aggregator import Aggregator
+
+    p = _participant(args)
+    f = p.config.federation
+    agg = Aggregator(p.federation, p.store, p.rules, p.federation_id)
+    latest = agg.ledger.refresh().latest_round()
+    if latest is None:
+        _, cid_digest, sha = agg.publish_global(0, p.trainer.initial_state(f.seed))
+    elif latest.finalized is not None:
+        cid_digest, sha = latest.finalized["cidDigest"], latest.finalized["fileSha256"]
+    else:
+        cid_digest, sha = latest.base_cid_digest, latest.base_sha256
+    rec = agg.open_round(cid_digest, sha, f.round_seconds, f.min_updates, f.allow_below_quorum)
+    print(f"round {rec.round_id} opened (deadline {rec.deadline}, tx {rec.opened_tx})")
+    return 0
+
+
+def _run_service(args, service) -> int:
+    import signal
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    service(_participant(args))
+    return 0
+
+
+def cmd_node_run(args) -> int:
+    from .service import run_node
+
+    return _run_service(args, run_node)
+
+
+def cmd_aggregator_run(args) -> int:
+    from .service import run_aggregator
+
+    return _run_service(args, run_aggregator)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedchain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +231,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
     p.set_defaults(func=cmd_demo)
+
+    stack = sub.add_parser("stack", help="a local anvil + IPFS node on 127.0.0.1").add_subparsers(
+        dest="stack_command", required=True)
+    for name, text in (("up", "start both, health-checked"), ("down", "stop both by pid"),
+                       ("status", "health of both")):
+        p = stack.add_parser(name, help=text)
+        p.add_argument("--dir", default=".stack", help="state, logs and pid files")
+        if name == "up":
+            p.add_argument("--anvil-port", type=int, default=8545)
+            p.add_argument("--ipfs-port", type=int, default=5001)
+        p.set_defaults(func=cmd_stack)
+
+    wallet = sub.add_parser("wallet", help="keystores and local funding").add_subparsers(
+        dest="wallet_command", required=True)
+    p = wallet.add_parser("new", help="write an encrypted geth-style keystore")
+    p.add_argument("--out", required=True, help="keystore file to create")
+    p.set_defaults(func=cmd_wallet_new)
+    p = wallet.add_parser("fund", help="send ETH from a dev account (local chains only)")
+    p.add_argument("--rpc", required=True)
+    p.add_argument("--to", required=True)
+    p.add_argument("--ether", type=float, default=10.0)
+    p.add_argument("--dev-account", type=int, default=0)
+    p.set_defaults(func=cmd_wallet_fund)
+
+    node = sub.add_parser("node", help="a hospital node").add_subparsers(dest="node_command", required=True)
+    p = node.add_parser("join", help="register this node's wallet and model identity")
+    p.add_argument("--config", required=True)
+    p.add_argument("--description", help="free text for the model card")
+    p.set_defaults(func=cmd_node_join)
+    p = node.add_parser("run", help="follow the rounds: train, publish and submit an update to each")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_node_run)
+
+    admin = sub.add_parser("admin", help="approve, revoke and list participants").add_subparsers(
+        dest="admin_command", required=True)
+    for name in ("approve", "revoke", "participants"):
+        p = admin.add_parser(name)
+        p.add_argument("--config", required=True)
+        if name != "participants":
+            p.add_argument("address")
+        if name == "revoke":
+            p.add_argument("--reason", type=int, default=1, help="reason code recorded on-chain")
+        p.set_defaults(func=cmd_admin)
+
+    rnd = sub.add_parser("round", help="open a round by hand").add_subparsers(dest="round_command", required=True)
+    p = rnd.add_parser("open", help="open the next round from the latest global adapter")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_round_open)
+
+    agg = sub.add_parser("aggregator", help="the aggregator").add_subparsers(dest="agg_command", required=True)
+    p = agg.add_parser("run", help="verify, merge, finalize and open rounds until the federation ends")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_aggregator_run)
     return parser
 
 

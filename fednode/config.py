@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DataConfig
-from .training import LoraSettings, TrainSettings
+from .settings import LoraSettings, TrainSettings
 
 
 class ConfigError(ValueError):

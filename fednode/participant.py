@@ -2,33 +2,17 @@
 base model, local data and the federation's rules."""
 from __future__ import annotations
 
-import getpass
-import os
-import sys
 from functools import cached_property
 
 from chain.clients import Federation
 from chain.connection import connect
 from chain.deployment import Deployment
-from chain.wallet import load_keystore
+from chain.wallet import keystore_password, load_keystore
 from web3 import Web3
 
 from .config import Config, ConfigError
-from .data import ClientData, build_clients, corpus_texts
-from .model import BaseModel, load_base_model
 from .rules import FederationRules
 from .storage import EmbeddedStore, IpfsHttpStore, Storage
-from .training import LoraTrainer
-
-
-def password_for(keystore: str) -> str:
-    """$FEDCHAIN_PASSWORD, else a prompt when a terminal is attached."""
-    password = os.environ.get("FEDCHAIN_PASSWORD")
-    if password:
-        return password
-    if not sys.stdin.isatty():
-        raise ConfigError(f"no password for keystore {keystore}: set FEDCHAIN_PASSWORD or run in a terminal")
-    return getpass.getpass(f"password for {keystore}: ")
 
 
 class Participant:
@@ -56,7 +40,7 @@ class Participant:
         if not path.is_file():
             raise ConfigError(f"{self.config.path}: [wallet] keystore {path} not found (create it with "
                               "`fedchain wallet new`)")
-        return load_keystore(path, password_for(str(path)))
+        return load_keystore(path, keystore_password(str(path)))
 
     @cached_property
     def federation(self) -> Federation:
@@ -74,17 +58,25 @@ class Participant:
         return IpfsHttpStore(spec, timeout_s=self.config.storage.timeout)
 
     @cached_property
-    def base(self) -> BaseModel:
+    def base(self):
+        """The base model (imports torch: admin commands never touch it)."""
+        from .data import corpus_texts
+        from .model import load_base_model
+
         data_cfg = self.config.data_config
         return load_base_model(self.config.model.name, self.config.cache_dir,
                                corpus=lambda: corpus_texts(data_cfg, 4000), seed=data_cfg.seed)
 
     @cached_property
-    def trainer(self) -> LoraTrainer:
+    def trainer(self):
+        from .training import LoraTrainer
+
         return LoraTrainer(self.base, self.config.lora)
 
     @cached_property
-    def client(self) -> ClientData:
+    def client(self):
+        from .data import build_clients
+
         return build_clients(self.config.data_config)[self.config.data.client]
 
     @cached_property

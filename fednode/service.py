@@ -57,6 +57,7 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
                 f"{evaluations['loss']:.4f} on {p.client.name}'s held-out split")
             break
         time.sleep(p.config.federation.poll_seconds)
+    log(f"time: {watch.as_dict()}")
     return {"final_eval": evaluations, "seconds": watch.as_dict()}
 
 

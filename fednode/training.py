@@ -4,18 +4,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from fednode.model import BaseModel
+from fednode.settings import LoraSettings, TrainSettings
 
 ADAPTER = "default"
 
@@ -24,69 +25,9 @@ class TrainingError(RuntimeError):
     """Training or evaluation cannot proceed (bad adapter state, no usable examples)."""
 
 
-class SettingsError(ValueError):
-    """A LoRA or training setting is out of range."""
-
-
 class PromptCompletion(Protocol):
     prompt: str
     completion: str
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters; `to_json` is the adapter part of a node's model identity."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.r, int) and self.r > 0):
-            raise SettingsError(f"LoRA rank must be a positive int, got {self.r!r}")
-        if not (isinstance(self.alpha, int) and self.alpha > 0):
-            raise SettingsError(f"LoRA alpha must be a positive int, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SettingsError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            raise SettingsError(f"LoRA target_modules must be non-empty names, got {self.target_modules!r}")
-        object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))
-
-    def to_json(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules)}
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> LoraSettings:
-        if (not isinstance(data, Mapping) or set(data) != {"r", "alpha", "dropout", "target_modules"}
-                or not isinstance(data["target_modules"], list | tuple)):
-            raise SettingsError(f"LoRA settings need exactly r, alpha, dropout, target_modules (a list), got {data!r}")
-        return cls(data["r"], data["alpha"], float(data["dropout"]), tuple(data["target_modules"]))
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """One local training run: `steps` optimizer steps of AdamW over shuffled mini-batches."""
-
-    steps: int = 30
-    lr: float = 3e-3
-    batch_size: int = 8
-    max_length: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2 or not self.lr > 0:
-            raise SettingsError(f"training settings out of range: {self}")
 
 
 class LoraTrainer:
@@ -170,7 +111,7 @@ class LoraTrainer:
         tokens = 0
         started = time.perf_counter()
         bar = tqdm(total=settings.steps, desc=progress if isinstance(progress, str) else "train",
-                   disable=progress is False, unit="step", leave=False)
+                   disable=progress is False or not sys.stderr.isatty(), unit="step", leave=False)
         with bar, _deterministic(settings.seed):
             self.model.train()
             try:

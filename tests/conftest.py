@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pytest

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import torch

@@ -20,13 +20,8 @@ from fednode.model import (
     model_identity,
     weights_digest,
 )
-from fednode.training import (
-    LoraSettings,
-    LoraTrainer,
-    SettingsError,
-    TrainingError,
-    TrainSettings,
-)
+from fednode.settings import LoraSettings, SettingsError, TrainSettings
+from fednode.training import LoraTrainer, TrainingError
 
 PAIRS = [
     ("hypertension", "lisinopril"), ("type 2 diabetes", "metformin"), ("asthma", "albuterol"),
@@ -162,8 +157,10 @@ def test_lora_settings_json_round_trip_and_validation():
         LoraSettings(r=0)
     with pytest.raises(SettingsError, match="exactly"):
         LoraSettings.from_json({"r": 8})
-    with pytest.raises(SettingsError, match="out of range"):
+    with pytest.raises(SettingsError, match="max_length must be >= 2"):
         TrainSettings(max_length=1)
+    with pytest.raises(SettingsError, match="lr must be > 0"):
+        TrainSettings(lr=0.0)
 
 
 def test_adapter_state_names_are_stable_and_float32(trainer, tiny_base):
