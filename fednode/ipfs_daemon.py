@@ -5,18 +5,16 @@ no bootstrap peers, no MDNS (Kubo's and js-ipfs's ``test`` profile).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from chain import daemon
 from chain.compiler import project_root
+from chain.daemon import post_json
 
 
 class IpfsDaemonError(RuntimeError):
@@ -41,12 +39,8 @@ def ipfs_command(root: Path | None = None) -> tuple[str, list[str]]:
 
 def api_ready(api_url: str, timeout: float = 1.0) -> bool:
     """Whether an IPFS RPC API answers ``POST api_url/api/v0/version``."""
-    request = urllib.request.Request(f"{api_url}/api/v0/version", b"", method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return "Version" in json.loads(response.read())
-    except (OSError, ValueError):
-        return False
+    answer = post_json(f"{api_url}/api/v0/version", b"", timeout)
+    return answer is not None and "Version" in answer
 
 
 @dataclass(frozen=True)
@@ -59,25 +53,7 @@ class IpfsProcess:
 
     @property
     def pid_file(self) -> Path:
-        return self.state_dir / "ipfs.pid"
-
-
-def _alive(pid: int) -> bool:
-    """Whether process group ``pid`` still has a live member (our own dead child is reaped first)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
-def _recorded_pid(state_dir: Path) -> int | None:
-    pid_file = state_dir / "ipfs.pid"
-    return int(pid_file.read_text().strip()) if pid_file.is_file() else None
+        return daemon.pid_file(self.state_dir, "ipfs")
 
 
 def _configure(repo: Path, api_port: int) -> None:
@@ -99,8 +75,8 @@ def start(state_dir: Path, api_port: int = 5001, timeout: float = 60.0) -> IpfsP
     api_url = f"http://127.0.0.1:{api_port}"
     if api_ready(api_url):
         raise IpfsDaemonError(f"something already answers the IPFS API at {api_url}; stop it or pick another port")
-    pid = _recorded_pid(state_dir)
-    if pid and _alive(pid):
+    pid = daemon.recorded_pid(state_dir, "ipfs")
+    if pid and daemon.alive(pid):
         raise IpfsDaemonError(f"an IPFS daemon already runs on {state_dir} (pid {pid}); stop it first")
     stop(state_dir)  # clears the pid file and repo lock of a daemon that died unstopped
     kind, command = ipfs_command()
@@ -118,47 +94,20 @@ def start(state_dir: Path, api_port: int = 5001, timeout: float = 60.0) -> IpfsP
             if init.returncode:
                 raise IpfsDaemonError(f"`{kind} init` failed with code {init.returncode}; see {log_path}")
         _configure(repo, api_port)
-        daemon = ["daemon", "--offline"] + (["--enable-preload=false"] if kind == "js-ipfs" else [])
-        proc = subprocess.Popen([*command, *daemon], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    handle = IpfsProcess(proc.pid, api_url, f"/ip4/127.0.0.1/tcp/{api_port}/http", kind, state_dir)
-    handle.pid_file.write_text(str(proc.pid))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise IpfsDaemonError(f"{kind} daemon exited with code {proc.returncode}; see {log_path}")
-        if api_ready(api_url):
-            return handle
-        time.sleep(0.1)
-    stop(state_dir)
-    raise IpfsDaemonError(f"{kind} daemon did not answer at {api_url} within {timeout:.0f} s; see {log_path}")
-
-
-def _signal_group(pid: int, sig: signal.Signals, timeout: float) -> bool:
-    """Send ``sig`` to process group ``pid``; whether the group is gone within ``timeout``."""
+    args = ["daemon", "--offline"] + (["--enable-preload=false"] if kind == "js-ipfs" else [])
     try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+        pid = daemon.spawn("ipfs", [*command, *args], state_dir, lambda: api_ready(api_url), timeout, env)
+    except daemon.DaemonError as exc:
+        raise IpfsDaemonError(f"{kind} {exc}") from None
+    return IpfsProcess(pid, api_url, f"/ip4/127.0.0.1/tcp/{api_port}/http", kind, state_dir)
 
 
 def stop(state_dir: Path, timeout: float = 15.0) -> bool:
-    """Stop the daemon whose pid is in state_dir/ipfs.pid: SIGTERM its process group, SIGKILL it after
-    ``timeout``. False if none was running."""
-    state_dir = Path(state_dir)
-    pid = _recorded_pid(state_dir)
-    if pid is None:
-        return False
-    stopped = _alive(pid)
-    if stopped and not _signal_group(pid, signal.SIGTERM, timeout) and not _signal_group(pid, signal.SIGKILL, 5.0):
-        raise IpfsDaemonError(f"IPFS daemon (pid {pid}) survived SIGKILL; see {state_dir / 'ipfs.log'}")
-    (state_dir / "ipfs.pid").unlink()
+    """Stop the daemon whose pid is in state_dir/ipfs.pid. False if none was running."""
+    try:
+        stopped = daemon.stop("ipfs", state_dir, timeout)
+    except daemon.DaemonError as exc:
+        raise IpfsDaemonError(str(exc)) from None
     # js-ipfs locks its repo with a directory that a killed daemon leaves behind (Kubo's lock is a file).
-    shutil.rmtree(state_dir / "ipfs-repo" / "repo.lock", ignore_errors=True)
+    shutil.rmtree(Path(state_dir) / "ipfs-repo" / "repo.lock", ignore_errors=True)
     return stopped

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
 from pathlib import Path
 from dataclasses import dataclass, field
 
@@ -13,6 +11,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain import anvil as anvil_process
+from support import free_port, require
 from chain.clients import Federation
 from chain.connection import EMBEDDED, connect
 from chain.deployment import Deployment, deploy
@@ -121,23 +120,12 @@ def embedded_fed(_embedded_snapshot) -> FedChain:
     return FedChain(w3, deployment)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def anvil(tmp_path_factory):
     """A real anvil testnet for this module (skipped if the binary is missing, except under CI=true)."""
-    try:
-        anvil_process.anvil_binary()
-    except anvil_process.AnvilError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{exc} (CI=true: the anvil tests must run)")
-        pytest.skip(str(exc))
+    require(anvil_process.anvil_binary, anvil_process.AnvilError, "anvil")
     state_dir = tmp_path_factory.mktemp("anvil")
-    handle = anvil_process.start(state_dir, port=_free_port())
+    handle = anvil_process.start(state_dir, port=free_port())
     yield handle
     anvil_process.stop(state_dir)
 

@@ -1,11 +1,11 @@
 """IpfsHttpStore against a real local IPFS daemon (js-ipfs from node_modules, or Kubo on PATH)."""
 import os
 import random
-import socket
 
 import pytest
 
 from fednode import ipfs_daemon
+from support import free_port, require
 from fednode.cid import cid_of
 from fednode.storage import IpfsHttpStore, StorageError
 
@@ -15,12 +15,6 @@ SIZES = [0, KIB, 300 * KIB, 5 * KIB * KIB]  # empty raw leaf, one raw leaf, 2-le
 
 def payload(size: int) -> bytes:
     return random.Random(size).randbytes(size)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _group_gone(pid: int) -> bool:
@@ -34,14 +28,9 @@ def _group_gone(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     """A real IPFS daemon for this module (skipped if none is installed, except under CI=true)."""
-    try:
-        ipfs_daemon.ipfs_command()
-    except ipfs_daemon.IpfsDaemonError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{exc} (CI=true: the IPFS node tests must run)")
-        pytest.skip(str(exc))
+    require(ipfs_daemon.ipfs_command, ipfs_daemon.IpfsDaemonError, "IPFS node")
     state_dir = tmp_path_factory.mktemp("ipfs")
-    handle = ipfs_daemon.start(state_dir, api_port=_free_port())
+    handle = ipfs_daemon.start(state_dir, api_port=free_port())
     yield handle
     ipfs_daemon.stop(state_dir)
 

@@ -22,20 +22,13 @@ from fednode.ledger import Ledger
 from fednode.model import load_base_model
 from fednode.publish import locate
 from fednode.storage import IpfsHttpStore
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDCHAIN = [sys.executable, "-m", "fednode.cli"]
 PASSWORD = "correct horse battery staple"
 DATA = dict(source="icd10", partition="natural", num_clients=3, train_per_client=32, eval_per_client=16, seed=0)
 pytestmark = pytest.mark.stack
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(args, env, check=True) -> subprocess.CompletedProcess:
@@ -83,8 +76,8 @@ def stack(tmp_path_factory):
     cfg = DataConfig(**DATA)
     load_base_model("tiny", work / "cache", corpus=lambda: corpus_texts(cfg, 4000), seed=0)
     started = time.perf_counter()
-    up = run(["stack", "up", "--dir", str(work / ".stack"), "--anvil-port", str(_free_port()),
-              "--ipfs-port", str(_free_port())], env)
+    up = run(["stack", "up", "--dir", str(work / ".stack"), "--anvil-port", str(free_port()),
+              "--ipfs-port", str(free_port())], env)
     record = json.loads((work / ".stack" / "stack.json").read_text())
     record["wall_startup"] = time.perf_counter() - started
     yield work, env, record, up.stdout

@@ -5,6 +5,7 @@ import pytest
 
 from fednode.cid import CHUNK_SIZE, cid_of
 from fednode.storage import EmbeddedStore, IpfsHttpStore, StorageError, open_storage
+from support import free_port
 
 DATA = b"adapter bytes " * 1000
 BIG = bytes(range(256)) * (3 * CHUNK_SIZE // 256 + 1)  # a multi-chunk (dag-pb) file
@@ -109,12 +110,6 @@ def test_ipfs_address_forms(address, multiaddr):
 def test_bad_ipfs_address(address):
     with pytest.raises(StorageError, match="bad IPFS API address"):
         IpfsHttpStore(address)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 OPERATIONS = {
