@@ -3,18 +3,31 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from fednode.model import BaseModel, le_bytes
-from fednode.training import LoraSettings
+from fednode.settings import LoraSettings
+
+if TYPE_CHECKING:
+    from fednode.model import BaseModel
 
 METADATA_KEY = "__metadata__"
 ALIGNMENT = 8
+
+
+def le_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's elements as contiguous little-endian bytes."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8)
+    if sys.byteorder == "big" and flat.element_size() > 1:
+        raw = raw.view(-1, flat.element_size()).flip(1)
+    return raw.numpy().tobytes()
 
 
 class AdapterError(ValueError):

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from chain.clients import Federation
 from chain.transactions import Receipt
 
-from .adapter import pack_adapter
 from .aggregate import WeightedUpdate, strategy_for
 from .ledger import Ledger, RoundRecord
-from .publish import adapter_metadata, fetch_adapter, publish_bytes
+from .publish import fetch_adapter, fetch_server_state, pack_global, publish_bytes
 from .rules import FederationRules
 from .storage import Storage
 from .timing import Stopwatch
@@ -39,6 +38,7 @@ class AggregatorError(RuntimeError):
 class Aggregator:
     def __init__(self, fed: Federation, store: Storage, rules: FederationRules, federation_id: str,
                  stopwatch: Stopwatch | None = None, log=print):
+        strategy_for(rules)  # refuse an unknown rule or bad parameters before any round opens
         self.fed = fed
         self.store = store
         self.rules = rules
@@ -48,12 +48,15 @@ class Aggregator:
         self.log = log
         self._rules_published = False
 
-    def publish_global(self, round_id: int, state: dict) -> tuple[str, bytes, bytes]:
-        """Package and publish a global adapter (round 0 = the initial one)."""
-        meta = adapter_metadata(self.federation_id, round_id, self.fed.address, self.rules.base_model,
-                                self.rules.lora, "global")
+    def publish_global(self, round_id: int, state: dict, server_state: dict | None = None
+                       ) -> tuple[str, bytes, bytes]:
+        """Package and publish a global adapter (round 0 = the initial one), after the server state it records."""
+        data, state_data = pack_global(self.federation_id, round_id, self.fed.address, self.rules, state,
+                                       server_state)
         with self.stopwatch("storage"):
-            return publish_bytes(self.store, pack_adapter(state, meta))
+            if state_data is not None:
+                publish_bytes(self.store, state_data)
+            return publish_bytes(self.store, data)
 
     def open_round(self, base_cid_digest: bytes, base_sha256: bytes, duration_s: int, min_updates: int,
                    allow_below_quorum: bool = True) -> RoundRecord:
@@ -77,15 +80,21 @@ class Aggregator:
             submitted = {s.node for s in rec.submissions}
             return active <= submitted or self.fed.chain_time() > rec.deadline
 
-    def verify(self, rec: RoundRecord) -> tuple[dict, list[Verdict]]:
+    def start_adapter(self, rec: RoundRecord) -> tuple[dict, dict[str, str]]:
+        """The round's start adapter (the last finalized global one) and its metadata."""
+        with self.stopwatch("verification"):
+            return fetch_adapter(self.store, rec.base_cid_digest, rec.base_sha256, self.rules.max_adapter_bytes,
+                                 self.rules.base_model)
+
+    def verify(self, rec: RoundRecord, start: dict | None = None) -> tuple[dict, list[Verdict]]:
         """The round's start adapter and a verdict for every submission, in submission order."""
         with self.stopwatch("chain"):
             history = self.ledger.refresh()
             rec = history.rounds[rec.round_id]
             as_of = self.fed.w3.eth.block_number
+        if start is None:
+            start, _ = self.start_adapter(rec)
         with self.stopwatch("verification"):
-            start, _ = fetch_adapter(self.store, rec.base_cid_digest, rec.base_sha256,
-                                     self.rules.max_adapter_bytes, self.rules.base_model)
             ctx = RoundContext(self.federation_id, rec.round_id, self.rules, start, history.participants, as_of)
             verdicts = [verify_submission(s, self.store, ctx) for s in sorted(rec.submissions, key=lambda s: s.index)]
         for v in verdicts:
@@ -95,15 +104,19 @@ class Aggregator:
         return start, verdicts
 
     def finalize(self, rec: RoundRecord) -> RoundResult:
-        start, verdicts = self.verify(rec)
+        start, start_meta = self.start_adapter(rec)
+        _, verdicts = self.verify(rec, start)
         accepted = [WeightedUpdate(v.submission.index, v.submission.num_samples, v.state)
                     for v in verdicts if v.accepted]
         if not accepted:
             raise AggregatorError(f"round {rec.round_id}: no update passed verification; cancel it after its "
                                   "deadline")
+        with self.stopwatch("storage"):
+            previous = fetch_server_state(self.store, start_meta, self.rules)
         with self.stopwatch("aggregation"):
-            merged = strategy_for(self.rules).aggregate_train(start, accepted)
-        cid, cid_digest, sha = self.publish_global(rec.round_id, merged)
+            strategy = strategy_for(self.rules, previous)
+            merged = strategy.aggregate_train(start, accepted)
+        cid, cid_digest, sha = self.publish_global(rec.round_id, merged, strategy.server_state)
         with self.stopwatch("chain"):
             receipt = self.fed.finalize(rec.round_id, cid_digest, sha, bytes(int(v.reason) for v in verdicts))
         self.log(f"round {rec.round_id} finalized: {len(accepted)}/{len(verdicts)} updates merged, global {cid}")

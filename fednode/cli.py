@@ -194,6 +194,31 @@ def cmd_aggregator_run(args) -> int:
     return _run_service(args, run_aggregator)
 
 
+def cmd_audit(args) -> int:
+    from chain.connection import EMBEDDED, connect
+    from chain.deployment import Deployment
+
+    from .audit import run_audit, save_report
+    from .storage import EmbeddedStore, IpfsHttpStore
+
+    if args.rpc == EMBEDDED:
+        raise ValueError("--rpc embedded would audit a fresh, empty chain: give the JSON-RPC URL of the federation's "
+                         "chain (`fedchain demo` audits its own embedded chain)")
+    if args.store and not Path(args.store).is_dir():
+        raise ValueError(f"store directory {args.store} not found")
+    w3 = connect(args.rpc)
+    deployment = Deployment.load(Path(args.deployment))
+    deployment.check_chain(w3)
+    store = IpfsHttpStore(args.ipfs) if args.ipfs else EmbeddedStore(Path(args.store)) if args.store else None
+    report = run_audit(w3, deployment, store, verify=args.verify, page=args.page)
+    save_report(report, args.json, args.html)
+    for path in (args.json, args.html):
+        if path:
+            print(f"wrote {path}")
+    print(report.table())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedchain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = agg.add_parser("run", help="verify, merge, finalize and open rounds until the federation ends")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_aggregator_run)
+
+    p = sub.add_parser("audit", help="rebuild and re-check the federation's whole history from the chain and storage")
+    p.add_argument("--rpc", required=True, help="JSON-RPC URL of the federation's chain")
+    p.add_argument("--deployment", required=True, help="deployment record (JSON)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ipfs", help="IPFS HTTP API address, e.g. http://127.0.0.1:5001")
+    where.add_argument("--store", help="embedded store directory (e.g. out/demo/store)")
+    p.add_argument("--verify", action="store_true",
+                   help="fetch every update and global adapter, re-run verification and aggregation, compare the "
+                        "results bit for bit")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--html", help="write a self-contained HTML report here")
+    p.add_argument("--page", type=int, default=2000, help="blocks per get_logs request")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -58,7 +58,10 @@ class FederationSection:
     round_seconds: int = 600
     min_updates: int = 1
     allow_below_quorum: bool = True
-    aggregation: str = "fedavg"
+    aggregation: str = "fedavg"           # fedavg, fedavgm, fedadam, fedyogi
+    params: dict = field(default_factory=dict)   # the rule's parameters, e.g. {eta = 0.01, beta_1 = 0.9}
+    privacy: dict = field(default_factory=dict)  # client-side DP, e.g. {mechanism = "gaussian", clip_norm = 1.0,
+                                                 #   noise_multiplier = 1.0, delta = 1e-5}; {} = off
     weighting: str = "num_samples"
     max_update_norm: float = 50.0
     max_adapter_bytes: int = 64 * 1024 * 1024
@@ -97,11 +100,12 @@ class Config:
 
 
 SECTIONS = {name: cls for name, cls in typing.get_type_hints(Config).items() if name != "path"}
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict}
 
 
 def _expected(type_) -> str:
-    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+            "dict": "a table"}.get(
         str(type_), "a list of strings")
 
 

@@ -18,6 +18,7 @@ from eth_account import Account
 
 from .adapter import export_peft
 from .aggregator import Aggregator
+from .audit import run_audit, save_report
 from .data import DataConfig, build_clients, corpus_texts, describe_clients
 from .model import load_base_model
 from .node import Node
@@ -160,6 +161,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         f"{first['worst_loss']:.4f} -> {last['worst_loss']:.4f} ({last['worst_client']}) after {cfg.rounds} rounds")
     log(f"time: {report['seconds']}")
     log(f"report: {cfg.out / 'report.json'}; PEFT adapters: {cfg.out / 'adapters'}")
+    audit = run_audit(w3, deployment, store, verify=True)
+    save_report(audit, cfg.out / "audit.json", cfg.out / "audit.html")
+    log(f"{audit.summary()} from the chain and store alone ({cfg.out / 'audit.html'})")
     return report
 
 

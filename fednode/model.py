@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -21,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
+
+from fednode.adapter import le_bytes
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -214,12 +215,3 @@ def model_identity(base_digest: str, adapter_config: Mapping[str, object]) -> by
 
 def _canonical_json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def le_bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's elements as contiguous little-endian bytes."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8)
-    if sys.byteorder == "big" and flat.element_size() > 1:
-        raw = raw.view(-1, flat.element_size()).flip(1)
-    return raw.numpy().tobytes()

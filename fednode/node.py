@@ -11,7 +11,8 @@ from .adapter import pack_adapter
 from .data import ClientData
 from .ledger import RoundRecord
 from .model import model_identity
-from .publish import adapter_metadata, fetch_adapter, publish_bytes, publish_json
+from .privacy import privatize
+from .publish import adapter_metadata, fetch_adapter, fetch_rules, publish_bytes, publish_json
 from .rules import FederationRules
 from .storage import Storage
 from .timing import Stopwatch
@@ -91,7 +92,8 @@ class Node:
         return self._evaluations[cid_digest]
 
     def train(self, rec: RoundRecord) -> LocalUpdate:
-        """Train from the round's global adapter on local data and package the result canonically."""
+        """Train from the round's global adapter on local data and package the result canonically; when the
+        round's rules ask for DP, the update is clipped and noised first and its metrics carry the accounting."""
         start = self.global_state(rec)
         start_eval = self.evaluate(rec.base_cid_digest, start)
         settings = replace(self.train_settings, seed=self.train_settings.seed + rec.round_id)
@@ -102,6 +104,12 @@ class Node:
                    "train_loss": stats["train_loss"], "steps": stats["steps"], "samples": stats["samples"],
                    "tokens": stats["tokens"], "global_eval_loss": start_eval["loss"],
                    "global_eval_perplexity": start_eval["perplexity"]}
+        with self.stopwatch("storage"):
+            dp = fetch_rules(self.store, rec.rules_digest).dp
+        if dp is not None:
+            with self.stopwatch("privacy"):
+                state, metrics["privacy"] = privatize(state, start, dp, self.fed.sender.account, self.federation_id,
+                                                      rec.round_id)
         meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
                                 self.rules.lora, "update")
         return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)

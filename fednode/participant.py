@@ -83,5 +83,6 @@ class Participant:
     def rules(self) -> FederationRules:
         f = self.config.federation
         return FederationRules(base_model=self.base.digest, lora=self.config.lora.to_json(),
-                               aggregation=f.aggregation, weighting=f.weighting, max_update_norm=f.max_update_norm,
-                               max_adapter_bytes=f.max_adapter_bytes, rounds=f.rounds)
+                               aggregation=f.aggregation, params=f.params, weighting=f.weighting,
+                               max_update_norm=f.max_update_norm, max_adapter_bytes=f.max_adapter_bytes,
+                               privacy=f.privacy, rounds=f.rounds)

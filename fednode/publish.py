@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 
-from .adapter import AdapterError, unpack_adapter
-from .cid import cid_digest, cid_from_digest, cid_of
+from .adapter import AdapterError, pack_adapter, unpack_adapter
+from .cid import CIDError, cid_digest, cid_from_digest, cid_of, normalize_cid
 from .rules import FederationRules, RulesError, canonical_json
 from .storage import Storage, StorageError
+
+SERVER_STATE_KEY = "fedchain.server_state"   # global adapter metadata: CID of the server optimizer state
+MAX_STATE_SLOTS = 2                          # server-state tensors per adapter tensor (FedAdam's m and v)
 
 
 class PublishError(RuntimeError):
@@ -24,10 +28,26 @@ def locate(store: Storage, cid_digest_: bytes, file_sha256: bytes) -> str:
 
 
 def adapter_metadata(federation_id: str, round_id: int, node: str, base_model: str, lora: dict,
-                     kind: str) -> dict[str, str]:
+                     kind: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"fedchain.federation": federation_id, "fedchain.round": str(round_id), "fedchain.node": node,
             "fedchain.base_model": base_model, "fedchain.peft_config": json.dumps(lora, sort_keys=True),
-            "fedchain.kind": kind}
+            "fedchain.kind": kind, **(extra or {})}
+
+
+def pack_global(federation_id: str, round_id: int, node: str, rules: FederationRules, state: dict,
+                server_state: dict | None = None) -> tuple[bytes, bytes | None]:
+    """Canonical bytes of a round's global adapter and of the server optimizer state it records (None for a
+    stateless rule). The state is its own file (kind "server_state", naming its rule); the adapter's metadata
+    holds its CID, so the adapter's on-chain sha256 commits to it."""
+    if server_state is None:
+        extra, state_data = None, None
+    else:
+        state_data = pack_adapter(server_state, adapter_metadata(
+            federation_id, round_id, node, rules.base_model, rules.lora, "server_state",
+            {"fedchain.aggregation": rules.aggregation}))
+        extra = {SERVER_STATE_KEY: cid_of(state_data)}
+    meta = adapter_metadata(federation_id, round_id, node, rules.base_model, rules.lora, "global", extra)
+    return pack_adapter(state, meta), state_data
 
 
 def publish_bytes(store: Storage, data: bytes) -> tuple[str, bytes, bytes]:
@@ -69,6 +89,26 @@ def fetch_adapter(store: Storage, cid_digest_: bytes, sha256: bytes, max_bytes: 
         raise PublishError(f"adapter {cid_digest_.hex()[:16]}… was built for base model "
                            f"{meta.get('fedchain.base_model')}, not {base_model}")
     return state, meta
+
+
+def fetch_server_state(store: Storage, meta: Mapping[str, str], rules: FederationRules) -> dict | None:
+    """The server optimizer state a global adapter's metadata records, checked against its CID: the state a
+    round continues from when that adapter is its start. None when none is recorded or it belongs to another
+    aggregation rule (the round's rule then starts from zeros)."""
+    if SERVER_STATE_KEY not in meta:
+        return None
+    max_bytes = MAX_STATE_SLOTS * rules.max_adapter_bytes + (1 << 20)  # plus room for the longer header
+    try:
+        cid = normalize_cid(meta[SERVER_STATE_KEY])
+        data = store.get(cid, max_bytes=max_bytes)
+        if cid_of(data) != cid:
+            raise PublishError(f"server state {cid}: bytes do not match the CID")
+        state, state_meta = unpack_adapter(data, max_bytes)
+    except (CIDError, StorageError, AdapterError) as exc:
+        raise PublishError(f"server state {meta[SERVER_STATE_KEY]!r:.80}: {exc}") from None
+    if state_meta.get("fedchain.kind") != "server_state" or state_meta.get("fedchain.base_model") != rules.base_model:
+        raise PublishError(f"server state {cid}: not a server state for base model {rules.base_model[:16]}…")
+    return state if state_meta.get("fedchain.aggregation") == rules.aggregation else None
 
 
 def fetch_rules(store: Storage, rules_digest: bytes) -> FederationRules:

@@ -8,6 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .privacy import DPSettings
+
 
 RULES_VERSION = 1
 
@@ -29,7 +34,8 @@ class FederationRules:
     weighting: str = "num_samples"        # FedAvg weights: "num_samples" or "uniform"
     max_update_norm: float = 50.0         # L2 bound on (update - global start), per update
     max_adapter_bytes: int = 64 * 1024 * 1024
-    privacy: dict = field(default_factory=dict)  # e.g. {"mechanism": "none"}; DP parameters later
+    privacy: dict = field(default_factory=dict)  # {} (off) or fednode.privacy.DPSettings fields, e.g.
+    # {"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
     rounds: int = 1                       # the federation ends after this many finalized rounds
     version: int = RULES_VERSION
 
@@ -42,6 +48,20 @@ class FederationRules:
             raise RulesError(f"rounds must be at least 1, got {self.rounds}")
         if self.max_adapter_bytes <= 0:
             raise RulesError(f"max_adapter_bytes must be > 0, got {self.max_adapter_bytes}")
+        if self.privacy != {}:  # validated only when set: fednode.privacy imports torch
+            from .privacy import PrivacyError
+
+            try:
+                self.dp
+            except PrivacyError as exc:
+                raise RulesError(f"privacy: {exc}") from None
+
+    @property
+    def dp(self) -> DPSettings | None:
+        """The client-side DP each update must get before it is published; None when privacy is off."""
+        from .privacy import DPSettings
+
+        return DPSettings.from_rules(self.privacy)
 
     def to_bytes(self) -> bytes:
         return canonical_json(asdict(self))

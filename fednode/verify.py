@@ -126,15 +126,21 @@ def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
     return Verdict(sub, Reason.ACCEPTED, f"update norm {norm:.3f}", state, norm)
 
 
+def fetch_submission(sub: Submission, store: Storage, ctx: RoundContext) -> tuple[str, bytes | Verdict]:
+    """The CID a submission names and its stored bytes, or the verdict (TOO_LARGE, UNAVAILABLE) when they cannot
+    be fetched within the rules' size bound."""
+    cid = locate(store, sub.cid_digest, sub.file_sha256)
+    try:
+        return cid, store.get(cid, max_bytes=ctx.rules.max_adapter_bytes)
+    except StorageTooLarge as exc:
+        return cid, Verdict(sub, Reason.TOO_LARGE, str(exc))
+    except StorageError as exc:
+        return cid, Verdict(sub, Reason.UNAVAILABLE, str(exc))
+
+
 def verify_submission(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict:
     early = check_participant(sub, ctx)
     if early is not None:
         return early
-    cid = locate(store, sub.cid_digest, sub.file_sha256)
-    try:
-        data = store.get(cid, max_bytes=ctx.rules.max_adapter_bytes)
-    except StorageTooLarge as exc:
-        return Verdict(sub, Reason.TOO_LARGE, str(exc))
-    except StorageError as exc:
-        return Verdict(sub, Reason.UNAVAILABLE, str(exc))
-    return verify_bytes(sub, data, ctx)
+    _, fetched = fetch_submission(sub, store, ctx)
+    return fetched if isinstance(fetched, Verdict) else verify_bytes(sub, fetched, ctx)

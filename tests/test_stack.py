@@ -177,3 +177,7 @@ def test_three_node_processes_two_rounds_with_a_node_killed_mid_round(stack):
     assert history.rounds[2].base_cid_digest == history.rounds[1].finalized["cidDigest"]
     for name in ("node0", "node2"):
         assert "federation complete" in (work / f"{name}.log").read_text()
+    # an outside auditor re-derives the whole history, bit for bit, from anvil and the IPFS node alone
+    audit = run(["audit", "--rpc", rpc, "--deployment", str(work / "deployment.json"), "--ipfs", ipfs, "--verify"],
+                env)
+    assert audit.stdout.strip().endswith("audit: 2 rounds VERIFIED")

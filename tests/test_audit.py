@@ -1,0 +1,386 @@
+"""`fedchain audit`: a clean history re-verifies bit for bit in a separate process; every kind of dishonest
+aggregator and storage tampering is caught and named; the HTML report renders in headless Chromium.
+
+The history lives on a real anvil chain so that the audit can run as its own process, as an outside auditor would."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from chain.clients import Federation
+from chain.connection import connect
+from chain.deployment import deploy
+from chain.wallet import dev_account, fund
+from support import require
+
+from fednode.adapter import pack_adapter, unpack_adapter
+from fednode.aggregate import FedAvg, WeightedUpdate
+from fednode.aggregator import Aggregator
+from fednode.audit import AuditReport, Status, run_audit
+from fednode.cid import cid_digest, cid_of
+from fednode.cli import main
+from fednode.data import DataConfig, build_clients
+from fednode.demo import node_account
+from fednode.node import Node
+from fednode.publish import SERVER_STATE_KEY, locate
+from fednode.rules import FederationRules
+from fednode.storage import EmbeddedStore
+from fednode.training import LoraSettings, LoraTrainer, TrainSettings
+from fednode.verify import Reason
+
+ROOT = Path(__file__).resolve().parent.parent
+FEDCHAIN = [sys.executable, "-m", "fednode.cli"]
+LORA = LoraSettings()
+TRAIN = TrainSettings(steps=4, batch_size=4)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VERIFIED_GREEN, MISMATCH_RED = 0x2E7D32, 0xC62828  # badge colours of fednode.audit_report
+
+
+class World:
+    """A federation (on anvil, or the embedded chain) with an embedded store: three honest hospitals with 8, 16
+    and 24 training examples (so sample weighting matters), a fourth node that misbehaves, and an aggregator that
+    can be made to cheat."""
+
+    def __init__(self, rpc: str, work: Path, base, trainer, aggregation: str = "fedavg"):
+        self.w3 = connect(rpc)
+        self.admin, agg = dev_account(self.w3, 0), dev_account(self.w3, 9)
+        self.deployment = deploy(self.w3, self.admin, agg.address)
+        self.deployment.save(work / "deployment.json")
+        fid = f"{self.deployment.chain_id}:{self.deployment.address('Federation').lower()}"
+        self.store = EmbeddedStore(work / "store")
+        rules = FederationRules(base_model=base.digest, lora=LORA.to_json(), max_adapter_bytes=1 << 20,
+                                aggregation=aggregation)
+        self.admin_fed = Federation(self.w3, self.deployment, self.admin)
+        self.agg = Aggregator(Federation(self.w3, self.deployment, agg), self.store, rules, fid, log=lambda m: None)
+        clients = build_clients(DataConfig(num_clients=4, train_per_client=24, eval_per_client=8))
+        nodes = []
+        for i, client in enumerate(clients):
+            account = node_account(300 + i)
+            fund(self.w3, self.admin, account.address, 10**19)
+            node = Node(Federation(self.w3, self.deployment, account), self.store, trainer,
+                        replace(client, train=client.train[:8 * (i + 1)]), rules, TRAIN, fid)
+            node.join()
+            self.admin_fed.approve(node.address)
+            nodes.append(node)
+        self.nodes, self.attacker = nodes[:3], nodes[3]
+        _, *self.base = self.agg.publish_global(0, trainer.initial_state(0))
+        self.finalized_sha: dict[int, str] = {}  # round -> sha256 of the global adapter the aggregator published
+
+    def open_and_submit(self):
+        rec = self.agg.open_round(*self.base, 3600, 1)
+        for node in self.nodes:
+            node.participate(rec)
+        return rec
+
+    def honest_round(self, attack=lambda rec: None) -> int:
+        rec = self.open_and_submit()
+        attack(rec)
+        result = self.agg.finalize(rec)
+        self.base = [result.cid_digest, result.file_sha256]
+        self.finalized_sha[result.round_id] = result.file_sha256.hex()
+        return result.round_id
+
+    def dishonest_round(self, merge: list[int], claims: list[int], weighting: str = "num_samples",
+                        before_finalize=lambda: None) -> int:
+        """Merge the updates at `merge` (repeats count twice) with `weighting`, but claim `claims` on-chain."""
+        rec = self.open_and_submit()
+        before_finalize()
+        start, _ = self.agg.verify(rec)
+        subs = self.agg.ledger.refresh().rounds[rec.round_id].submissions
+        states = {s.index: unpack_adapter(self.store.get(locate(self.store, s.cid_digest, s.file_sha256)), 1 << 20)[0]
+                  for s in subs}
+        merged = FedAvg(weighting).aggregate_train(start, [WeightedUpdate(i, subs[i].num_samples, states[i])
+                                                           for i in merge])
+        _, digest, sha = self.agg.publish_global(rec.round_id, merged)
+        self.agg.fed.finalize(rec.round_id, digest, sha, bytes(claims))
+        self.base = [digest, sha]
+        return rec.round_id
+
+
+@dataclass
+class Audited:
+    world: World
+    work: Path
+    clean: subprocess.CompletedProcess     # CLI audit after the honest rounds
+    clean_json: dict
+    full: subprocess.CompletedProcess      # CLI audit after the dishonest rounds
+    full_json: dict
+    report: AuditReport                    # the same audit in this process
+    rounds: dict[str, int]
+
+
+def audit_cli(world: World, work: Path, name: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(FEDCHAIN + ["audit", "--rpc", world.w3.provider.endpoint_uri, "--deployment",
+                                      str(work / "deployment.json"), "--store", str(work / "store"), "--verify",
+                                      "--json", str(work / f"{name}.json"), "--html", str(work / f"{name}.html")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc, json.loads((work / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trainer(icd_base) -> LoraTrainer:
+    return LoraTrainer(icd_base, LORA)
+
+
+@pytest.fixture(scope="module")
+def audited(anvil, icd_base, trainer, tmp_path_factory) -> Audited:
+    work = tmp_path_factory.mktemp("audit")
+    world = World(anvil.url, work, icd_base, trainer)
+    attacker, late = world.attacker, []
+
+    def nan_update(rec):
+        update = attacker.train(rec)
+        state, meta = unpack_adapter(update.data, 1 << 20)
+        state = {k: v.clone() for k, v in state.items()}
+        state[sorted(state)[0]].view(-1)[0] = float("nan")
+        attacker.publish_and_submit(rec.round_id, pack_adapter(state, meta), update.num_samples, update.metrics)
+
+    def late_upload(rec):  # anchored on-chain, but the bytes reach storage only after the round
+        update = attacker.train(rec)
+        late.append(update.data)
+        attacker.fed.submit_update(rec.round_id, cid_digest(cid_of(update.data)), hashlib.sha256(update.data).digest(),
+                                   update.num_samples, hashlib.sha256(b"{}").digest())
+
+    rounds = {"honest 1": world.honest_round(nan_update), "honest 2": world.honest_round(late_upload)}
+    world.store.put(late[0])
+    clean, clean_json = audit_cli(world, work, "clean")
+
+    rounds["dropped"] = world.dishonest_round([0, 2], [0, 0, 0])
+    rounds["duplicated"] = world.dishonest_round([0, 1, 1, 2], [0, 0, 0])
+    rounds["reweighted"] = world.dishonest_round([0, 1, 2], [0, 0, 0], weighting="uniform")
+    rounds["honest rejected"] = world.dishonest_round([0, 2], [0, Reason.NORM_TOO_LARGE, 0])
+    rounds["tampered"] = world.honest_round()
+    sub = world.agg.ledger.refresh().rounds[rounds["tampered"]].submissions[1]
+    path = world.store.path_of(locate(world.store, sub.cid_digest, sub.file_sha256))
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    rounds["revoked merged"] = world.dishonest_round(
+        [0, 1, 2], [0, 0, 0], before_finalize=lambda: world.admin_fed.revoke(world.nodes[2].address, 1))
+    full, full_json = audit_cli(world, work, "full")
+    report = run_audit(world.w3, world.deployment, world.store, verify=True)
+    return Audited(world, work, clean, clean_json, full, full_json, report, rounds)
+
+
+def round_of(audited: Audited, name: str):
+    return next(r for r in audited.report.rounds if r.round_id == audited.rounds[name])
+
+
+def messages(audited: Audited, name: str) -> list[str]:
+    return [f.message for f in round_of(audited, name).findings]
+
+
+@pytest.mark.anvil
+def test_clean_history_reverifies_bit_for_bit_in_a_separate_process(audited):
+    assert audited.clean.returncode == 0, audited.clean.stdout[-3000:] + audited.clean.stderr
+    assert audited.clean.stdout.strip().endswith("audit: 2 rounds VERIFIED")
+    rounds = audited.clean_json["rounds"]
+    assert [r["status"] for r in rounds] == ["VERIFIED", "VERIFIED"]
+    for r in rounds:
+        # the other process re-verified every update and re-derived the aggregator's exact bytes
+        assert r["result"]["recomputed_merged"] == r["result"]["merged"] == [0, 1, 2]
+        assert r["result"]["recomputed_sha256"] == audited.world.finalized_sha[r["round_id"]]
+        assert [s["num_samples"] for s in r["submissions"][:3]] == [8, 16, 24]
+        assert all(s["metrics"]["hospital"] == s["hospital"] and s["gas"] > 0 for s in r["submissions"][:3])
+    # the honest aggregator's rejections are reproduced too; an update uploaded after its round is only noted
+    assert [s["recomputed"] for s in rounds[0]["submissions"]] == ["ACCEPTED"] * 3 + ["NON_FINITE"]
+    assert [s["verdict"] for s in rounds[1]["submissions"]] == ["ACCEPTED"] * 3 + ["UNAVAILABLE"]
+    assert rounds[1]["notes"] == ["update #3 from hospital-3 was rejected as UNAVAILABLE at aggregation time; "
+                                  "verification now gives ACCEPTED"]
+    assert [p["hospital"] for p in audited.clean_json["participants"]] == [f"hospital-{i}" for i in range(4)]
+
+
+@pytest.mark.anvil
+def test_dropped_update_is_named(audited):
+    assert round_of(audited, "dropped").status == Status.MISMATCH
+    [message] = messages(audited, "dropped")  # every verdict is right: only the global adapter is wrong
+    assert "max |diff|" in message and "on-chain verdicts merged #0,#1,#2" in message
+    assert message.endswith("fedavg of updates #0,#2 weighted by num_samples (update #1 left out)")
+
+
+@pytest.mark.anvil
+def test_duplicated_update_is_named(audited):
+    [message] = messages(audited, "duplicated")
+    assert message.endswith("fedavg of updates #0,#1,#1,#2 weighted by num_samples (update #1 counted twice)")
+
+
+@pytest.mark.anvil
+def test_reweighted_aggregation_is_named(audited):
+    [message] = messages(audited, "reweighted")
+    assert message.endswith("fedavg of updates #0,#1,#2 weighted by uniform (uniform weighting)")
+
+
+@pytest.mark.anvil
+def test_honest_update_marked_rejected_is_named(audited):
+    r = round_of(audited, "honest rejected")
+    assert r.status == Status.MISMATCH
+    verdict, global_ = messages(audited, "honest rejected")
+    assert verdict.startswith("update #1 from hospital-1: on-chain verdict NORM_TOO_LARGE, verification gives "
+                              "ACCEPTED (update norm")
+    assert "recomputed from updates #0,#1,#2 (on-chain verdicts merged #0,#2)" in global_
+    assert global_.endswith("(the on-chain merged set)")
+    assert [s.status for s in r.submissions] == [None, Status.MISMATCH, None]
+
+
+@pytest.mark.anvil
+def test_revoked_node_merged_is_named(audited):
+    revoked = audited.world.nodes[2].address
+    verdict, global_ = messages(audited, "revoked merged")
+    assert verdict.startswith(f"update #2 from hospital-2: on-chain verdict ACCEPTED, verification gives REVOKED "
+                              f"({revoked} was revoked at block")
+    assert "recomputed from updates #0,#1 (on-chain verdicts merged #0,#1,#2)" in global_
+    assert global_.endswith("(the on-chain merged set)")
+
+
+@pytest.mark.anvil
+def test_bytes_changed_in_storage_after_the_round_are_unavailable(audited):
+    r = round_of(audited, "tampered")
+    assert r.status == Status.UNAVAILABLE
+    [message] = messages(audited, "tampered")
+    assert message.startswith(f"update #1 from hospital-1 ({r.submissions[1].cid}): the store serves other bytes "
+                              "under this CID: sha256 ")
+    assert message.endswith("cannot re-check its on-chain verdict ACCEPTED")
+    assert r.notes == ["global adapter not recomputed: merged update(s) #1 unavailable"]
+
+
+@pytest.mark.anvil
+def test_cli_fails_and_another_process_finds_exactly_the_same(audited):
+    assert audited.full.returncode == 1
+    assert audited.full.stdout.strip().endswith("audit: 8 rounds: 2 VERIFIED, 5 MISMATCH, 1 UNAVAILABLE")
+    assert [r["status"] for r in audited.full_json["rounds"]] == [r.status for r in audited.report.rounds]
+    assert [r["findings"] for r in audited.full_json["rounds"]] == [
+        [{"status": f.status, "message": f.message} for f in r.findings] for r in audited.report.rounds]
+    for r in audited.report.rounds:
+        for f in r.findings:
+            assert f"{f.status}: {f.message}" in audited.full.stdout
+
+
+@pytest.mark.anvil
+def test_chain_only_audit_rebuilds_participants_rounds_and_gas(audited):
+    world = audited.world
+    report = run_audit(world.w3, world.deployment, page=3)  # no storage: events and commitments only
+    assert report.ok and [r.status for r in report.rounds] == [Status.CONSISTENT] * 8
+    # two role grants at deployment, four joins and approvals, one revocation, 8 rounds (open, submissions, finalize)
+    assert report.events == audited.report.events == 2 + 4 * 2 + 1 + 2 * 6 + 6 * 5
+    revoked = [p for p in report.participants if p.revoked_block is not None]
+    assert [p.address for p in revoked] == [world.nodes[2].address] and revoked[0].revoke_reason == 1
+    assert all(p.gas["joined"] > 0 and p.gas["approved"] > 0 and p.hospital is None for p in report.participants)
+    for r in report.rounds:
+        assert r.result.verdicts == [int(Reason[s.verdict]) for s in r.submissions] == audited.report.rounds[
+            r.round_id - 1].result.verdicts
+        assert r.open_gas > 0 and r.result.gas > 0 and r.rules is None
+    assert report.rounds[audited.rounds["honest rejected"] - 1].result.verdicts == [0, Reason.NORM_TOO_LARGE, 0]
+
+
+@pytest.mark.anvil
+def test_cli_refuses_bad_usage_with_one_line(audited, capsys):
+    world = audited.world
+    common = ["--deployment", str(audited.work / "deployment.json")]
+    assert main(["audit", "--rpc", world.w3.provider.endpoint_uri, *common, "--verify"]) == 2
+    assert main(["audit", "--rpc", "embedded", *common]) == 2
+    assert main(["audit", "--rpc", world.w3.provider.endpoint_uri, *common, "--store", str(audited.work / "nope")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3
+    assert "needs the federation's storage" in errors[0] and "fresh, empty chain" in errors[1]
+    assert "not found" in errors[2]
+
+
+def png_pixels(path: Path) -> np.ndarray:
+    """The RGB(A) pixels of an 8-bit non-interlaced PNG (what Chromium writes), decoded with zlib alone."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat = 8, []
+    while pos < len(data):
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + size]
+        pos += 12 + size
+        if kind == b"IHDR":
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert depth == 8 and colour in (2, 6) and interlace == 0
+        elif kind == b"IDAT":
+            idat.append(body)
+    bpp = 3 if colour == 2 else 4
+    stride = width * bpp
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(height, stride + 1).astype(np.int64)
+    rows = np.zeros((height + 1, stride), np.int64)
+    for y in range(height):
+        kind, line, up = raw[y, 0], raw[y, 1:], rows[y]
+        if kind == 0:
+            rows[y + 1] = line
+        elif kind == 1:  # Sub: a running sum per channel
+            rows[y + 1] = np.cumsum(line.reshape(-1, bpp), axis=0).reshape(-1) & 255
+        elif kind == 2:
+            rows[y + 1] = (line + up) & 255
+        else:  # Average and Paeth depend on the reconstructed left neighbour: byte by byte
+            out, cur, prev = [0] * stride, line.tolist(), up.tolist()
+            for i in range(stride):
+                a = out[i - bpp] if i >= bpp else 0
+                b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+                if kind == 3:
+                    pred = (a + b) // 2
+                else:
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    pred = a if pa <= pb and pa <= pc else b if pb <= pc else c
+                out[i] = (cur[i] + pred) & 255
+            rows[y + 1] = out
+    return rows[1:].reshape(height, width, bpp)
+
+
+@pytest.mark.anvil
+def test_html_report_renders_in_headless_chromium(audited, tmp_path):
+    def find():
+        if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+            raise FileNotFoundError("chromium not found: apt-get install -y chromium")
+    require(find, FileNotFoundError, "HTML report")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    report = audited.work / "full.html"
+    assert "<script" not in report.read_text() and "http://" not in report.read_text().replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    flags = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    subprocess.run([binary, *flags, f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([binary, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "<b>8 rounds</b>: 2 VERIFIED, 5 MISMATCH, 1 UNAVAILABLE" in dom
+    assert "<b>4 participants</b>" in dom
+    for node in audited.world.nodes + [audited.world.attacker]:
+        assert node.address in dom
+    assert dom.count("<svg") == 5  # timeline, three metric plots, gas
+    for name in ("dropped", "revoked merged"):
+        assert f'id="round-{audited.rounds[name]}"' in dom
+    pixels = png_pixels(shot)
+    assert pixels.shape[:2] == (2000, 1280)
+    rgb = pixels[..., 0] << 16 | pixels[..., 1] << 8 | pixels[..., 2]
+    assert len(np.unique(rgb)) > 200  # text, plots and badges, not a blank page
+    assert (rgb == VERIFIED_GREEN).sum() > 1000 and (rgb == MISMATCH_RED).sum() > 1000  # the status badges
+
+
+def test_server_optimizer_state_is_carried_between_rounds_and_reverified(icd_base, trainer, tmp_path):
+    world = World("embedded", tmp_path, icd_base, trainer, aggregation="fedadam")
+    world.honest_round()
+    world.honest_round()
+    report = run_audit(world.w3, world.deployment, world.store, verify=True)
+    assert [r.status for r in report.rounds] == [Status.VERIFIED, Status.VERIFIED]
+    assert [r.rules["aggregation"] for r in report.rounds] == ["fedadam", "fedadam"]
+    # round 2 continued from the optimizer state recorded by round 1's global adapter: without it, no re-check
+    first = world.store.get(report.rounds[0].result.cid)
+    state_cid = unpack_adapter(first, len(first))[1][SERVER_STATE_KEY]
+    world.store.path_of(state_cid).unlink()
+    report = run_audit(world.w3, world.deployment, world.store, verify=True)
+    assert [r.status for r in report.rounds] == [Status.VERIFIED, Status.UNAVAILABLE]
+    [finding] = report.rounds[1].findings
+    assert finding.message.startswith("start adapter's server optimizer state: ") and state_cid in finding.message
