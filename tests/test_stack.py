@@ -27,7 +27,8 @@ from support import free_port
 ROOT = Path(__file__).resolve().parent.parent
 FEDCHAIN = [sys.executable, "-m", "fednode.cli"]
 PASSWORD = "correct horse battery staple"
-DATA = dict(source="icd10", partition="natural", num_clients=3, train_per_client=32, eval_per_client=16, seed=0)
+# the default data config but for fewer training examples: same corpus, so the session's cached tiny base is reused
+DATA = dict(source="icd10", partition="natural", num_clients=3, train_per_client=32, eval_per_client=64, seed=0)
 pytestmark = pytest.mark.stack
 
 
@@ -68,13 +69,13 @@ batch_size = 4
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, model_cache, icd_base):
     work = tmp_path_factory.mktemp("stack")
-    env = {**os.environ, "FEDCHAIN_PASSWORD": PASSWORD, "FEDCHAIN_CACHE": str(work / "cache"),
+    env = {**os.environ, "FEDCHAIN_PASSWORD": PASSWORD, "FEDCHAIN_CACHE": str(model_cache),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # every process loads the same tiny base: build it once here, as a newcomer's first command would
-    cfg = DataConfig(**DATA)
-    load_base_model("tiny", work / "cache", corpus=lambda: corpus_texts(cfg, 4000), seed=0)
+    # every process loads the same tiny base, built once per session (icd_base) into model_cache
+    assert icd_base.digest == load_base_model(
+        "tiny", model_cache, corpus=lambda: corpus_texts(DataConfig(**DATA), 4000), seed=0).digest
     started = time.perf_counter()
     up = run(["stack", "up", "--dir", str(work / ".stack"), "--anvil-port", str(free_port()),
               "--ipfs-port", str(free_port())], env)
