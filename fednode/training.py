@@ -151,6 +151,23 @@ class LoraTrainer:
         with self.model.disable_adapter():
             return self._evaluate(examples, batch_size, max_length)
 
+    def score(self, examples: Sequence[PromptCompletion], state: Mapping[str, torch.Tensor],
+              batch_size: int = 16, max_length: int = 64) -> list[tuple[float, int]]:
+        """Per example, with adapter `state`: (summed log-likelihood of its completion tokens, eos included, and
+        their count), the same tokens `evaluate` averages its loss over."""
+        self.load_adapter_state(state)
+        encoded = self._encode_all(examples, max_length)
+        scores: list[tuple[float, int]] = []
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                input_ids, attention, labels = self._collate(encoded[start:start + batch_size])
+                logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+                targets = labels[:, 1:]
+                mask = targets != -100
+                picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                scores += zip((picked * mask).sum(1).tolist(), mask.sum(1).tolist())
+        return scores
+
     def _evaluate(self, examples: Sequence[PromptCompletion], batch_size: int, max_length: int) -> dict:
         encoded = self._encode_all(examples, max_length)
         total, count = 0.0, 0

@@ -1,0 +1,457 @@
+"""Quality on non-IID hospitals: federated (the full platform path) vs local-only vs centralized training.
+
+Every method starts from the same initial adapter and trains in rounds; each round is one `LoraTrainer.train`
+call per model (a fresh AdamW from the previous checkpoint, seed = train seed + round, as a federated node does):
+
+* local-only: each hospital alone, `steps` steps per round;
+* federated: each hospital `steps` steps per round through `Node.participate` (package, publish to the embedded
+  store, anchor on the embedded chain), then `Aggregator.finalize` (verify, FedAvg, publish, finalize on-chain);
+* centralized: one model on the pooled union of all hospitals' training data, `clients * steps` steps per round,
+  i.e. the federation's total step budget.
+
+Every checkpoint is scored on each hospital's own held-out split (loss, perplexity, multiple-choice accuracy);
+after the last round every model is also scored on every other hospital's split (cross-client matrix).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+from .data import PARTITIONS, SOURCES, ClientData, DataConfig, build_clients, corpus_texts, multiple_choice_items
+from .model import load_base_model
+from .settings import LoraSettings, TrainSettings
+from .timing import Stopwatch
+from .training import LoraTrainer
+
+METHODS = ("local", "federated", "centralized")
+SHARED = "global"  # the model key of the methods that train one model for every hospital
+TINY_CORPUS_TEXTS = 4000  # the tiny base's pretraining corpus size, as in `fedchain demo`
+ROUND_SECONDS = 3600
+PLATFORM_KINDS = ("storage", "chain", "verification", "aggregation")
+MC_SCORING = ("the option whose ' option' + eos has the highest mean per-token log-likelihood after the prompt "
+              "(length-normalised); mc_acc_total picks by the summed log-likelihood instead")
+BUDGET = ("each round every hospital-model runs train.steps AdamW steps of train.batch_size examples (local-only "
+          "and federated); centralized runs clients * train.steps steps per round on the pooled union of all "
+          "hospitals' training data, the federation's total; every round's training starts a fresh AdamW from "
+          "the previous checkpoint with seed train.seed + round")
+
+State = dict
+Log = Callable[[str], None]
+
+
+class BenchmarkError(ValueError):
+    """A benchmark configuration that cannot be run."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One data partition to benchmark on: `source:partition[:alpha]` plus a seed."""
+
+    source: str
+    partition: str = "natural"
+    alpha: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        DataConfig(source=self.source, partition=self.partition, alpha=self.alpha)  # validates all three
+
+    @classmethod
+    def parse(cls, spec: str, seed: int) -> Scenario:
+        """`icd10:natural`, `drugs:dirichlet:0.1`, ..."""
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in SOURCES or parts[1] not in PARTITIONS:
+            raise BenchmarkError(f"setting must be source:partition[:alpha] with source in {', '.join(SOURCES)} "
+                                 f"and partition in {', '.join(PARTITIONS)}; got {spec!r}")
+        if (parts[1] == "dirichlet") != (len(parts) == 3):
+            raise BenchmarkError(f"an alpha is given with (and only with) the dirichlet partition; got {spec!r}")
+        try:
+            alpha = float(parts[2]) if len(parts) == 3 else 1.0
+        except ValueError:
+            raise BenchmarkError(f"alpha must be a number; got {spec!r}") from None
+        return cls(parts[0], parts[1], alpha, seed)
+
+    @property
+    def setting(self) -> str:
+        """The partition without the seed: what results are averaged over seeds for."""
+        return f"{self.source}:{self.partition}" + (f":{self.alpha:g}" if self.partition == "dirichlet" else "")
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The benchmark grid (settings x seeds) and what every run of it trains and measures."""
+
+    model: str = "tiny"  # "tiny" | "smollm2"
+    settings: tuple[str, ...] = ("icd10:natural",)  # source:partition[:alpha]
+    seeds: tuple[int, ...] = (0,)
+    clients: int = 3
+    rounds: int = 2
+    train_per_client: int = 256
+    eval_per_client: int = 64  # held-out examples per hospital (whole keys; the loss is over all of them)
+    mc_items: int = 16  # multiple-choice questions per hospital (at most one per held-out key)
+    mc_options: int = 4
+    eval_batch_size: int = 16
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=10))  # steps: per hospital per round
+
+    def __post_init__(self) -> None:
+        if self.model not in ("tiny", "smollm2"):
+            raise BenchmarkError(f"model must be 'tiny' or 'smollm2'; got {self.model!r}")
+        for name in ("clients", "rounds", "mc_items", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise BenchmarkError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+        if not self.settings or not self.seeds:
+            raise BenchmarkError("settings and seeds must each name at least one")
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.settings)) != len(self.settings):
+            raise BenchmarkError(f"settings and seeds must not repeat; got {self.settings!r}, {self.seeds!r}")
+        self.scenarios()  # validates every setting
+
+    def scenarios(self) -> list[Scenario]:
+        return [Scenario.parse(spec, seed) for spec in self.settings for seed in self.seeds]
+
+    def data_config(self, scenario: Scenario) -> DataConfig:
+        return DataConfig(source=scenario.source, partition=scenario.partition, alpha=scenario.alpha,
+                          num_clients=self.clients, train_per_client=self.train_per_client,
+                          eval_per_client=self.eval_per_client, seed=scenario.seed)
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k not in ("lora", "train")},
+                "settings": list(self.settings), "seeds": list(self.seeds),
+                "lora": self.lora.to_json(), "train": asdict(self.train), "budget": BUDGET, "mc_scoring": MC_SCORING}
+
+
+PRESETS: dict[str, BenchConfig] = {
+    # the test suite's smoke run: shares the tiny base of `fedchain demo` (same data config)
+    "tiny": BenchConfig(),
+    "tiny-full": BenchConfig(
+        settings=tuple(f"{s}:{p}" for s in ("icd10", "drugs") for p in ("natural", "dirichlet:0.1", "dirichlet:1")),
+        seeds=(0, 1, 2), rounds=3, train=TrainSettings(steps=20)),
+    # sized for about 45 minutes on 2 CPU cores (~5 s per step of batch 8, ~15 s per scored split)
+    "smollm2": BenchConfig(model="smollm2", settings=("icd10:natural", "drugs:natural"), rounds=3,
+                           eval_per_client=32, mc_items=12, train=TrainSettings(steps=4)),
+}
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class Choice(NamedTuple):
+    prompt: str
+    completion: str
+
+
+class SplitScorer:
+    """Scores adapters on the hospitals' held-out splits: completion loss, perplexity, multiple-choice accuracy."""
+
+    def __init__(self, trainer: LoraTrainer, questions: Mapping[str, list[tuple[str, list[str], int]]],
+                 batch_size: int, max_length: int):
+        self.trainer = trainer
+        self.questions = questions
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def __call__(self, state: State, client: ClientData) -> dict:
+        loss = self.trainer.evaluate(client.eval, state, self.batch_size, self.max_length)
+        return {"loss": loss["loss"], "perplexity": loss["perplexity"],
+                **multiple_choice_accuracy(self.trainer, state, self.questions[client.name], self.batch_size,
+                                           self.max_length)}
+
+
+def multiple_choice_accuracy(trainer: LoraTrainer, state: State, questions: Sequence[tuple[str, list[str], int]],
+                             batch_size: int = 16, max_length: int = 64) -> dict:
+    """Accuracy over `(prompt, options, answer_idx)` questions, every option scored in one batched pass:
+    `mc_acc` picks by mean per-token log-likelihood (length-normalised), `mc_acc_total` by the sum."""
+    if not questions:
+        raise BenchmarkError("no multiple-choice questions to score")
+    flat = [Choice(prompt, option) for prompt, options, _ in questions for option in options]
+    scores = iter(trainer.score(flat, state, batch_size, max_length))
+    normalised = total = 0
+    for _, options, answer in questions:
+        option_scores = [next(scores) for _ in options]
+        normalised += _argmax([ll / n for ll, n in option_scores]) == answer
+        total += _argmax([ll for ll, _ in option_scores]) == answer
+    return {"mc_acc": normalised / len(questions), "mc_acc_total": total / len(questions),
+            "mc_items": len(questions)}
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # ties go to the first option
+
+
+# ---------------------------------------------------------------- the three methods
+
+
+def train_local(trainer: LoraTrainer, clients: Sequence[ClientData], initial: State, train: TrainSettings,
+                rounds: int, log: Log) -> tuple[list[dict[str, State]], dict]:
+    """Each hospital alone: per round, the checkpoint per hospital and the training metrics."""
+    states = {c.name: initial for c in clients}
+    checkpoints, stats = [], []
+    for r in range(1, rounds + 1):
+        row = {}
+        for c in clients:
+            states[c.name], row[c.name] = trainer.train(c.train, replace(train, seed=train.seed + r),
+                                                        states[c.name], progress=False)
+        checkpoints.append(dict(states))
+        stats.append({"round": r, "models": _train_stats(row)})
+        log(f"  local-only round {r}: train loss " + ", ".join(f"{v['train_loss']:.3f}" for v in row.values()))
+    return checkpoints, {"rounds": stats}
+
+
+def train_centralized(trainer: LoraTrainer, clients: Sequence[ClientData], initial: State, train: TrainSettings,
+                      rounds: int, log: Log) -> tuple[list[dict[str, State]], dict]:
+    """One model on the pooled union, clients * steps steps per round."""
+    pooled = [ex for c in clients for ex in c.train]
+    state, checkpoints, stats = initial, [], []
+    for r in range(1, rounds + 1):
+        settings = replace(train, steps=train.steps * len(clients), seed=train.seed + r)
+        state, metrics = trainer.train(pooled, settings, state, progress=False)
+        checkpoints.append({SHARED: state})
+        stats.append({"round": r, "models": _train_stats({SHARED: metrics})})
+        log(f"  centralized round {r}: train loss {metrics['train_loss']:.3f} ({metrics['steps']} steps)")
+    return checkpoints, {"rounds": stats, "samples": len(pooled)}
+
+
+def train_federated(trainer: LoraTrainer, clients: Sequence[ClientData], initial: State, train: TrainSettings,
+                    rounds: int, log: Log) -> tuple[list[dict[str, State]], dict]:
+    """FedAvg through the platform: nodes and aggregator on a fresh embedded chain and a temporary embedded store.
+    Per round: the global checkpoint, and the nodes' training metrics, verdicts, gas and wall time by kind."""
+    from chain.clients import Federation
+    from chain.connection import connect
+    from chain.deployment import deploy
+    from chain.wallet import dev_account, fund
+
+    from .aggregator import Aggregator
+    from .demo import node_account
+    from .node import Node
+    from .rules import FederationRules
+    from .storage import EmbeddedStore
+
+    watch = Stopwatch()
+    with tempfile.TemporaryDirectory(prefix="fedchain-bench-store-") as store_dir:
+        setup_started = time.perf_counter()
+        w3 = connect("embedded")
+        admin, agg_account = dev_account(w3, 0), dev_account(w3, 9)
+        deployment = deploy(w3, admin, agg_account.address)
+        federation_id = f"{deployment.chain_id}:{deployment.address('Federation').lower()}"
+        store = EmbeddedStore(Path(store_dir))
+        rules = FederationRules(base_model=trainer.base.digest, lora=trainer.lora.to_json(), rounds=rounds)
+        admin_fed = Federation(w3, deployment, admin)
+        aggregator = Aggregator(Federation(w3, deployment, agg_account), store, rules, federation_id, watch,
+                                log=lambda m: None)
+        nodes = []
+        for i, client in enumerate(clients):
+            account = node_account(i)
+            fund(w3, admin, account.address, 10**20)
+            node = Node(Federation(w3, deployment, account), store, trainer, client, rules, train, federation_id,
+                        watch)
+            node.join()
+            admin_fed.approve(node.address)
+            nodes.append(node)
+        _, cid_digest, sha = aggregator.publish_global(0, initial)
+        setup_seconds = time.perf_counter() - setup_started
+
+        checkpoints, stats = [], []
+        for r in range(1, rounds + 1):
+            before, started = dict(watch.seconds), time.perf_counter()
+            rec = aggregator.open_round(cid_digest, sha, ROUND_SECONDS, min_updates=len(nodes))
+            updates = [node.participate(rec) for node in nodes]
+            result = aggregator.finalize(rec)
+            wall = time.perf_counter() - started
+            cid_digest, sha = result.cid_digest, result.file_sha256
+            checkpoints.append({SHARED: result.state})
+            seconds = {k: v - before.get(k, 0.0) for k, v in sorted(watch.seconds.items())}
+            platform = sum(seconds.get(k, 0.0) for k in PLATFORM_KINDS)
+            stats.append({
+                "round": r, "chain_round": rec.round_id,
+                "models": _train_stats({u.metrics["hospital"]: u.metrics for u in updates}),
+                "verdicts": [v.reason.name for v in result.verdicts], "accepted": len(result.accepted),
+                "gas": {"updates": [u.receipt.gas_used for u in updates], "finalize": result.receipt.gas_used},
+                "seconds": {**seconds, "platform": platform, "wall": wall},
+                "platform_fraction": platform / wall,
+                "training_fraction": seconds.get("training", 0.0) / wall,
+            })
+            if len(result.accepted) != len(nodes):
+                log(f"  WARNING federated round {r}: verdicts {stats[-1]['verdicts']}")
+            log(f"  federated round {r}: {len(result.accepted)}/{len(nodes)} merged, {wall:.1f} s "
+                f"(training {seconds.get('training', 0.0):.1f} s, platform {platform:.2f} s = {platform / wall:.1%})")
+    return checkpoints, {"rounds": stats, "setup_seconds": setup_seconds}
+
+
+TRAINERS = {"local": train_local, "federated": train_federated, "centralized": train_centralized}
+
+
+def _train_stats(metrics: Mapping[str, Mapping]) -> dict[str, dict]:
+    """The trainer's metrics per model (a node's carry no seconds: its stopwatch has them)."""
+    keys = ("train_loss", "steps", "samples", "tokens", "seconds")
+    return {name: {k: m[k] for k in keys if k in m} for name, m in metrics.items()}
+
+
+# ---------------------------------------------------------------- one scenario
+
+
+def run_scenario(cfg: BenchConfig, scenario: Scenario, cache_dir: Path, log: Log = print) -> dict:
+    """Train all three methods on one partition and score every checkpoint; returns the scenario's record."""
+    started = time.perf_counter()
+    data_cfg = cfg.data_config(scenario)
+    clients = build_clients(data_cfg)
+    base = load_base_model(cfg.model, cache_dir, corpus=lambda: corpus_texts(data_cfg, TINY_CORPUS_TEXTS),
+                           seed=scenario.seed)
+    trainer = LoraTrainer(base, cfg.lora)
+    train = replace(cfg.train, seed=scenario.seed)
+    initial = trainer.initial_state(scenario.seed)
+    questions = {c.name: multiple_choice_items(c, cfg.mc_options, scenario.seed)[:cfg.mc_items] for c in clients}
+    score = SplitScorer(trainer, questions, cfg.eval_batch_size, train.max_length)
+    log(f"{scenario.name}: {len(clients)} hospitals, train {[len(c.train) for c in clients]}, "
+        f"eval {[len(c.eval) for c in clients]}, MC {[len(q) for q in questions.values()]}; base {base.name}")
+
+    round0 = {c.name: score(initial, c) for c in clients}
+    methods = {}
+    for method in METHODS:
+        method_started = time.perf_counter()
+        checkpoints, train_stats = TRAINERS[method](trainer, clients, initial, train, cfg.rounds, log)
+        methods[method] = {**score_checkpoints(score, clients, round0, checkpoints), "training": train_stats}
+        final = methods[method]["final"]
+        log(f"  {method}: mean loss {final['mean_loss']:.4f}, worst {final['worst_loss']:.4f} "
+            f"({final['worst_loss_client']}), mean acc {final['mean_acc']:.3f}, worst acc {final['worst_acc']:.3f} "
+            f"[{time.perf_counter() - method_started:.0f} s]")
+    return {
+        "scenario": asdict(scenario), "setting": scenario.setting, "name": scenario.name,
+        "base_model": {"name": base.name, "digest": base.digest},
+        "clients": [{"name": c.name, "train": len(c.train), "eval": len(c.eval), "mc_items": len(questions[c.name]),
+                     "labels": c.label_counts()} for c in clients],
+        "methods": methods,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def score_checkpoints(score: SplitScorer, clients: Sequence[ClientData], round0: Mapping[str, dict],
+                      checkpoints: Sequence[Mapping[str, State]]) -> dict:
+    """Per-hospital own-split curves (round 0 = the shared initial adapter), per-round summaries, and the final
+    cross-client matrix: `hospitals[h]['cross'][g]` scores h's model (the shared one if any) on g's split."""
+    curves = {c.name: [{"round": 0, **round0[c.name]}] for c in clients}
+    matrix: dict[str, dict[str, dict]] = {}
+    for r, states in enumerate(checkpoints, start=1):
+        model_on = _memo_scorer(score, states)
+        for c in clients:
+            curves[c.name].append({"round": r, **model_on(c, c)})
+        if r == len(checkpoints):
+            matrix = {c.name: {g.name: model_on(c, g) for g in clients} for c in clients}
+    hospitals = {}
+    for c in clients:
+        cross = {g: m for g, m in matrix[c.name].items() if g != c.name}
+        hospitals[c.name] = {"own": matrix[c.name][c.name], "curve": curves[c.name], "cross": cross,
+                             "cross_mean": _mean_metrics(cross.values()) if cross else None}
+    rounds = [summarize_round({c.name: curves[c.name][r] for c in clients}) | {"round": r}
+              for r in range(len(checkpoints) + 1)]
+    off_diagonal = [m for h in hospitals.values() for m in h["cross"].values()]
+    return {"hospitals": hospitals, "rounds": rounds,
+            "final": {**rounds[-1], "cross": _mean_metrics(off_diagonal) if off_diagonal else None}}
+
+
+def _memo_scorer(score: SplitScorer, states: Mapping[str, State]) -> Callable[[ClientData, ClientData], dict]:
+    """`model_on(owner, split)`: the owner's model (the shared one if any) scored on `split`, each pair once."""
+    scored: dict[tuple[str, str], dict] = {}
+
+    def model_on(owner: ClientData, split: ClientData) -> dict:
+        key = (owner.name if owner.name in states else SHARED, split.name)
+        if key not in scored:
+            scored[key] = score(states[key[0]], split)
+        return scored[key]
+
+    return model_on
+
+
+def _mean_metrics(metrics: Iterable[Mapping]) -> dict:
+    metrics = list(metrics)
+    return {k: statistics.fmean(m[k] for m in metrics) for k in ("loss", "mc_acc")}
+
+
+def summarize_round(own: Mapping[str, Mapping]) -> dict:
+    """Mean, worst, best and best-worst gap over hospitals of own-split loss and multiple-choice accuracy."""
+    worst_loss = max(own, key=lambda h: own[h]["loss"])
+    best_loss = min(own, key=lambda h: own[h]["loss"])
+    worst_acc = min(own, key=lambda h: own[h]["mc_acc"])
+    best_acc = max(own, key=lambda h: own[h]["mc_acc"])
+    mean_loss = statistics.fmean(m["loss"] for m in own.values())
+    return {
+        "mean_loss": mean_loss, "mean_perplexity": math.exp(mean_loss),
+        "worst_loss": own[worst_loss]["loss"], "worst_loss_client": worst_loss,
+        "worst_perplexity": own[worst_loss]["perplexity"],
+        "loss_gap": own[worst_loss]["loss"] - own[best_loss]["loss"],
+        "mean_acc": statistics.fmean(m["mc_acc"] for m in own.values()),
+        "worst_acc": own[worst_acc]["mc_acc"], "worst_acc_client": worst_acc,
+        "acc_gap": own[best_acc]["mc_acc"] - own[worst_acc]["mc_acc"],
+    }
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def run_scenarios(cfg: BenchConfig, cache_dir: Path, log: Log = print) -> Iterator[dict]:
+    """Run every scenario of the grid in order, yielding each record as it completes."""
+    for scenario in cfg.scenarios():
+        yield run_scenario(cfg, scenario, cache_dir, log)
+
+
+SUMMARY_METRICS = ("mean_loss", "worst_loss", "loss_gap", "mean_acc", "worst_acc", "acc_gap")
+
+
+def summarize(cfg: BenchConfig, scenarios: Sequence[dict]) -> dict:
+    """Per setting and method: every final summary metric over seeds (mean, sd, values); the federated-minus-
+    local and federated-minus-centralized differences; the platform's share of federated round wall time."""
+    out = {}
+    for setting in dict.fromkeys(s["setting"] for s in scenarios):
+        runs = [s for s in scenarios if s["setting"] == setting]
+        final = {m: {k: [s["methods"][m]["final"][k] for s in runs] for k in SUMMARY_METRICS}
+                 | {"cross_loss": [s["methods"][m]["final"]["cross"]["loss"] for s in runs]} for m in METHODS}
+        fed_rounds = [r for s in runs for r in s["methods"]["federated"]["training"]["rounds"]]
+        platform, wall = (sum(r["seconds"][k] for r in fed_rounds) for k in ("platform", "wall"))
+        training = sum(r["seconds"].get("training", 0.0) for r in fed_rounds)
+        out[setting] = {
+            "seeds": [s["scenario"]["seed"] for s in runs],
+            "methods": {m: {k: _spread(v) for k, v in final[m].items()} for m in METHODS},
+            "federated_minus_local": {k: _spread([f - b for f, b in zip(final["federated"][k], final["local"][k])])
+                                      for k in ("worst_loss", "mean_loss", "worst_acc", "mean_acc")},
+            "federated_minus_centralized": {
+                k: _spread([f - b for f, b in zip(final["federated"][k], final["centralized"][k])])
+                for k in ("worst_loss", "mean_loss", "worst_acc", "mean_acc")},
+            "federated_seconds": {"platform": platform, "training": training, "wall": wall,
+                                  "platform_fraction": platform / wall, "training_fraction": training / wall},
+        }
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def markdown_table(summary: Mapping[str, dict]) -> str:
+    """Settings x methods: final mean/worst loss, loss gap, mean/worst accuracy (mean ± sd over seeds)."""
+    def cell(v: dict, digits: int) -> str:
+        return f"{v['mean']:.{digits}f}" + (f" ± {v['sd']:.{digits}f}" if len(v["values"]) > 1 else "")
+
+    lines = ["| setting | method | mean loss | worst loss | loss gap | cross loss | mean acc | worst acc | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for setting, s in summary.items():
+        for method in METHODS:
+            m = s["methods"][method]
+            lines.append(f"| {setting} | {method} | {cell(m['mean_loss'], 4)} | {cell(m['worst_loss'], 4)} | "
+                         f"{cell(m['loss_gap'], 4)} | {cell(m['cross_loss'], 4)} | {cell(m['mean_acc'], 3)} | "
+                         f"{cell(m['worst_acc'], 3)} | {len(s['seeds'])} |")
+    lines += ["", "| setting | worst loss: federated - local | worst loss: federated - centralized | "
+                  "worst acc: federated - local | platform share of federated round time |", "|---|---|---|---|---|"]
+    for setting, s in summary.items():
+        fl, fc = s["federated_minus_local"], s["federated_minus_centralized"]
+        lines.append(f"| {setting} | {cell(fl['worst_loss'], 4)} | {cell(fc['worst_loss'], 4)} | "
+                     f"{cell(fl['worst_acc'], 3)} | {s['federated_seconds']['platform_fraction']:.1%} |")
+    return "\n".join(lines) + "\n"
