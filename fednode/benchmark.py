@@ -224,38 +224,16 @@ def train_federated(trainer: LoraTrainer, clients: Sequence[ClientData], initial
                     rounds: int, log: Log) -> tuple[list[dict[str, State]], dict]:
     """FedAvg through the platform: nodes and aggregator on a fresh embedded chain and a temporary embedded store.
     Per round: the global checkpoint, and the nodes' training metrics, verdicts, gas and wall time by kind."""
-    from chain.clients import Federation
-    from chain.connection import connect
-    from chain.deployment import deploy
-    from chain.wallet import dev_account, fund
-
-    from .aggregator import Aggregator
-    from .demo import node_account
-    from .node import Node
+    from .demo import embedded_federation
     from .rules import FederationRules
     from .storage import EmbeddedStore
 
     watch = Stopwatch()
     with tempfile.TemporaryDirectory(prefix="fedchain-bench-store-") as store_dir:
         setup_started = time.perf_counter()
-        w3 = connect("embedded")
-        admin, agg_account = dev_account(w3, 0), dev_account(w3, 9)
-        deployment = deploy(w3, admin, agg_account.address)
-        federation_id = f"{deployment.chain_id}:{deployment.address('Federation').lower()}"
-        store = EmbeddedStore(Path(store_dir))
         rules = FederationRules(base_model=trainer.base.digest, lora=trainer.lora.to_json(), rounds=rounds)
-        admin_fed = Federation(w3, deployment, admin)
-        aggregator = Aggregator(Federation(w3, deployment, agg_account), store, rules, federation_id, watch,
-                                log=lambda m: None)
-        nodes = []
-        for i, client in enumerate(clients):
-            account = node_account(i)
-            fund(w3, admin, account.address, 10**20)
-            node = Node(Federation(w3, deployment, account), store, trainer, client, rules, train, federation_id,
-                        watch)
-            node.join()
-            admin_fed.approve(node.address)
-            nodes.append(node)
+        fed = embedded_federation(trainer, clients, rules, train, EmbeddedStore(Path(store_dir)), watch)
+        aggregator, nodes = fed.aggregator, fed.nodes
         _, cid_digest, sha = aggregator.publish_global(0, initial)
         setup_seconds = time.perf_counter() - setup_started
 

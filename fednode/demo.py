@@ -12,9 +12,10 @@ from pathlib import Path
 
 from chain.clients import Federation
 from chain.connection import connect
-from chain.deployment import deploy
+from chain.deployment import Deployment, deploy
 from chain.wallet import dev_account, fund
 from eth_account import Account
+from web3 import Web3
 
 from .adapter import export_peft
 from .aggregator import Aggregator
@@ -64,6 +65,44 @@ def _summary(evals: dict[str, dict]) -> dict:
             "mean_perplexity": math.exp(sum(losses) / len(losses))}
 
 
+@dataclass
+class EmbeddedFederation:
+    """A deployed federation on a fresh in-process chain with every hospital joined and approved."""
+    w3: Web3
+    deployment: Deployment
+    federation_id: str
+    aggregator: Aggregator
+    nodes: list[Node]
+    joins: list[dict]
+
+
+def embedded_federation(trainer: LoraTrainer, clients, rules: FederationRules, train: TrainSettings, store,
+                        watch: Stopwatch) -> EmbeddedFederation:
+    """Deploy on a fresh embedded chain (admin = dev account 0, aggregator = dev account 9), fund one wallet per
+    hospital, and have each join and be approved. Used by the demo and the quality benchmark."""
+    with watch("chain"):
+        w3 = connect("embedded")
+        admin, agg_account = dev_account(w3, 0), dev_account(w3, 9)
+        deployment = deploy(w3, admin, agg_account.address)
+        accounts = [node_account(i) for i in range(len(clients))]
+        for account in accounts:
+            fund(w3, admin, account.address, 10**20)
+    federation_id = f"{deployment.chain_id}:{deployment.address('Federation').lower()}"
+    admin_fed = Federation(w3, deployment, admin)
+    aggregator = Aggregator(Federation(w3, deployment, agg_account), store, rules, federation_id, watch,
+                            log=lambda m: None)
+    nodes = [Node(Federation(w3, deployment, a), store, trainer, c, rules, train, federation_id, watch)
+             for a, c in zip(accounts, clients)]
+    joins = []
+    for node in nodes:
+        receipt = node.join()
+        with watch("chain"):
+            approval = admin_fed.approve(node.address)
+        joins.append({"client": node.client.name, "node": node.address, "join_gas": receipt.gas_used,
+                      "approve_gas": approval.gas_used, "model_id": "0x" + node.model_id.hex()})
+    return EmbeddedFederation(w3, deployment, federation_id, aggregator, nodes, joins)
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     started = time.perf_counter()
     watch = Stopwatch()
@@ -81,31 +120,12 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"base model {base.name}: identity {base.digest[:16]}…")
     trainer = LoraTrainer(base, cfg.lora)
 
-    with watch("chain"):
-        w3 = connect("embedded")
-        admin, agg_account = dev_account(w3, 0), dev_account(w3, 9)
-        deployment = deploy(w3, admin, agg_account.address)
-        accounts = [node_account(i) for i in range(cfg.clients)]
-        for account in accounts:
-            fund(w3, admin, account.address, 10**20)
-    federation_id = f"{deployment.chain_id}:{deployment.address('Federation').lower()}"
-    log(f"Federation contract {deployment.address('Federation')} on the embedded chain (id {deployment.chain_id})")
-    deployment.save(cfg.out / "deployment.json")
-
     store = EmbeddedStore(cfg.out / "store")
     rules = FederationRules(base_model=base.digest, lora=cfg.lora.to_json())
-    admin_fed = Federation(w3, deployment, admin)
-    aggregator = Aggregator(Federation(w3, deployment, agg_account), store, rules, federation_id, watch,
-                            log=lambda m: None)
-    nodes = [Node(Federation(w3, deployment, a), store, trainer, c, rules, cfg.train, federation_id, watch)
-             for a, c in zip(accounts, clients)]
-    joins = []
-    for node in nodes:
-        receipt = node.join()
-        with watch("chain"):
-            approval = admin_fed.approve(node.address)
-        joins.append({"client": node.client.name, "node": node.address, "join_gas": receipt.gas_used,
-                      "approve_gas": approval.gas_used, "model_id": "0x" + node.model_id.hex()})
+    fed = embedded_federation(trainer, clients, rules, cfg.train, store, watch)
+    w3, deployment, aggregator, nodes, joins = fed.w3, fed.deployment, fed.aggregator, fed.nodes, fed.joins
+    log(f"Federation contract {deployment.address('Federation')} on the embedded chain (id {deployment.chain_id})")
+    deployment.save(cfg.out / "deployment.json")
 
     initial = trainer.initial_state(cfg.seed)
     cid, cid_digest, sha = aggregator.publish_global(0, initial)
