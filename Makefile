@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 NODE   := node_modules/.package-lock.json
 OUT    ?= out/demo
 
-.PHONY: setup chromium demo test test-fast bench-gas clean
+.PHONY: setup chromium demo test test-fast bench-gas bench-quality clean
 
 $(STAMP): requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,9 @@ test-fast: setup chromium
 
 bench-gas: setup
 	$(VENV)/bin/python scripts/bench_gas.py
+
+bench-quality: setup
+	$(VENV)/bin/python scripts/bench_quality.py --config tiny-full
 
 clean:
 	rm -rf $(VENV) node_modules out
