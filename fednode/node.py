@@ -52,6 +52,7 @@ class Node:
         self.federation_id = federation_id
         self.stopwatch = stopwatch or Stopwatch()
         self._evaluations: dict[bytes, dict] = {}
+        self._round_rules: dict[bytes, FederationRules] = {}
 
     @property
     def address(self) -> str:
@@ -84,6 +85,13 @@ class Node:
                                      self.rules.base_model)
         return state
 
+    def round_rules(self, rec: RoundRecord) -> FederationRules:
+        """The rules document the round committed to on-chain (fetched once per digest)."""
+        if rec.rules_digest not in self._round_rules:
+            with self.stopwatch("storage"):
+                self._round_rules[rec.rules_digest] = fetch_rules(self.store, rec.rules_digest)
+        return self._round_rules[rec.rules_digest]
+
     def evaluate(self, cid_digest: bytes, state: dict) -> dict:
         """Loss and perplexity of an adapter on this hospital's held-out split (cached per adapter)."""
         if cid_digest not in self._evaluations:
@@ -104,8 +112,7 @@ class Node:
                    "train_loss": stats["train_loss"], "steps": stats["steps"], "samples": stats["samples"],
                    "tokens": stats["tokens"], "global_eval_loss": start_eval["loss"],
                    "global_eval_perplexity": start_eval["perplexity"]}
-        with self.stopwatch("storage"):
-            dp = fetch_rules(self.store, rec.rules_digest).dp
+        dp = self.round_rules(rec).dp
         if dp is not None:
             with self.stopwatch("privacy"):
                 state, metrics["privacy"] = privatize(state, start, dp, self.fed.sender.account, self.federation_id,

@@ -11,7 +11,6 @@ from .aggregator import Aggregator, AggregatorError
 from .ledger import Ledger, RoundRecord
 from .node import Node
 from .participant import Participant
-from .publish import fetch_rules
 from .timing import Stopwatch
 
 
@@ -38,7 +37,7 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
         if rec is None:
             time.sleep(p.config.federation.poll_seconds)
             continue
-        rules = _check_rules(p, rec)
+        rules = _check_rules(p, node, rec)
         if rec.state == RoundState.OPEN and not node.has_submitted(rec.round_id):
             if fed.chain_time() > rec.deadline:
                 log(f"round {rec.round_id} closed at its deadline before this node could submit; waiting")
@@ -61,8 +60,8 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
     return {"final_eval": evaluations, "seconds": watch.as_dict()}
 
 
-def _check_rules(p: Participant, rec: RoundRecord):
-    rules = fetch_rules(p.store, rec.rules_digest)
+def _check_rules(p: Participant, node: Node, rec: RoundRecord):
+    rules = node.round_rules(rec)
     if rules.base_model != p.rules.base_model or rules.lora != p.rules.lora:
         raise ServiceError(f"round {rec.round_id} uses base model {rules.base_model[:16]}… / adapter {rules.lora}; "
                            f"this node has {p.rules.base_model[:16]}… / {p.rules.lora}")
