@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from fednode.settings import LoraSettings
+from fednode.settings import LoraSettings, PromptSettings
 
 if TYPE_CHECKING:
     from fednode.model import BaseModel
@@ -96,11 +96,12 @@ def _header(data: bytes) -> dict:
     return header
 
 
-def export_peft(state: Mapping[str, torch.Tensor], base: BaseModel, lora: LoraSettings, out_dir: Path) -> None:
+def export_peft(state: Mapping[str, torch.Tensor], base: BaseModel, adapter: LoraSettings | PromptSettings,
+                out_dir: Path) -> None:
     """Write adapter_config.json + adapter_model.safetensors loadable by `PeftModel.from_pretrained`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = lora.peft_config()
+    config = adapter.peft_config()
     config.base_model_name_or_path = base.name
     config.save_pretrained(out_dir)
     metadata = {"format": "pt", "fedchain.base_model": base.digest}

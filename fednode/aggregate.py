@@ -1,7 +1,9 @@
 """Aggregation rules. One object owns one rule (Flower style); every rule is deterministic by construction:
 updates are taken in on-chain submission order and accumulated in float64 with separate multiply and add steps,
 and the server optimizers (FedAvgM, FedAdam, FedYogi) apply elementwise float64 kernels one at a time (no fused
-ops, no reductions), so the same inputs give bit-identical output on any machine.
+ops, no reductions), so the same inputs give bit-identical output on any machine. The exception is lora_exact:
+its SVD is deterministic on one machine but not bit-portable across BLAS builds, so an auditor compares its
+recomputation with the published adapter by their products, within the rule's declared `tolerance`.
 
 A server optimizer keeps state between rounds (`server_state`, float32 tensors named "<slot>.<adapter tensor>").
 The state is rounded to float32 after every round, exactly as it is stored, so an aggregator that restores it
@@ -14,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from .lora_math import LoraError, factors, products, refactor, relative, squared, weighted_mean
 from .rules import RulesError
 
 State = dict[str, torch.Tensor]
@@ -28,6 +31,7 @@ class WeightedUpdate:
     index: int          # on-chain submission index: the fixed accumulation order
     num_samples: int
     state: State
+    adapter_config: dict | None = None  # the update's own peft config (file metadata); None = the rules' config
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class FedAvg:
     name = "fedavg"
     params_spec: ClassVar[dict[str, Param]] = {}
 
-    def __init__(self, weighting: str = "num_samples", server_state: State | None = None, **params: float):
+    def __init__(self, weighting: str = "num_samples", server_state: State | None = None,
+                 adapter_config: dict | None = None, **params: float):
         unknown = sorted(set(params) - set(self.params_spec))
         if unknown:
             known = ", ".join(sorted(self.params_spec)) or "none"
@@ -60,6 +65,7 @@ class FedAvg:
         self.weighting = weighting
         self.params = {k: spec.check(self.name, k, params.get(k, spec.default)) for k, spec in self.params_spec.items()}
         self.server_state = server_state
+        self.adapter_config = adapter_config  # the global adapter's config (the rules' `lora`)
 
     def weights(self, updates: list[WeightedUpdate]) -> list[float]:
         raw = [float(u.num_samples) if self.weighting == "num_samples" else 1.0 for u in updates]
@@ -83,7 +89,10 @@ class FedAvg:
     def aggregate_train(self, global_state: State, updates: list[WeightedUpdate]) -> State:
         if self.server_state is not None:
             raise AggregateError(f"{self.name} keeps no server state, yet was given one")
-        ordered, weights = self._ordered(updates)
+        return self.merge(global_state, *self._ordered(updates))
+
+    def merge(self, global_state: State, ordered: list[WeightedUpdate], weights: list[float]) -> State:
+        """The new global adapter from the updates in submission order and their weights."""
         return {key: self._mean(key, global_state[key].shape, ordered, weights).to(torch.float32)
                 for key in sorted(global_state)}
 
@@ -176,7 +185,58 @@ class FedYogi(FedAdam):
         return v - change * torch.sign(v - square)
 
 
-STRATEGIES: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi)}
+class LoraExact(FedAvg):
+    """Exact LoRA aggregation: the weighted mean (FedAvg's weights, submission order) of every update's product
+    scale_i B_i @ A_i under its own adapter config (any rank up to the global one, any alpha), re-factored to the
+    global rank by SVD (fednode.lora_math.refactor). Stateless; `residual` is the last round's truncation residual.
+    The SVD is not bit-portable, so a recomputation is checked with `equivalent` within `tolerance`."""
+
+    name = "lora_exact"
+    params_spec: ClassVar[dict[str, Param]] = {"tolerance": Param(1e-6)}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.adapter_config is None:
+            raise RulesError("lora_exact needs the global adapter config")
+        self.residual: dict | None = None
+
+    def merge(self, global_state: State, ordered: list[WeightedUpdate], weights: list[float]) -> State:
+        start = _lora("the global adapter", factors, global_state, self.adapter_config)
+        shapes = {p: (b.shape[0], a.shape[1]) for p, (a, b) in start.items()}
+        every = []
+        for u in ordered:
+            update = _lora(f"update #{u.index}", products, u.state, u.adapter_config or self.adapter_config)
+            if {p: tuple(t.shape) for p, t in update.items()} != shapes:
+                raise AggregateError(f"lora_exact: update #{u.index} adapts other modules or shapes than the global "
+                                     f"adapter")
+            every.append(update)
+        dense = {p: weighted_mean([update[p] for update in every], weights) for p in shapes}
+        merged, self.residual = _lora("the merged update", refactor, dense, self.adapter_config)
+        return merged
+
+    def equivalent(self, published: State, recomputed: State) -> tuple[bool, float]:
+        """Whether a published global adapter equals a recomputation of it within `tolerance`, compared by the
+        modules' products (the factors' signs and last bits may differ between BLAS builds); and the largest
+        per-module relative Frobenius error (inf when the two do not have the same modules and shapes)."""
+        try:
+            mine, theirs = products(recomputed, self.adapter_config), products(published, self.adapter_config)
+        except LoraError:
+            return False, math.inf
+        if {p: t.shape for p, t in mine.items()} != {p: t.shape for p, t in theirs.items()}:
+            return False, math.inf
+        error = max((relative(squared(theirs[p] - mine[p]), squared(mine[p])) for p in mine), default=0.0)
+        return error <= self.params["tolerance"], error
+
+
+def _lora(what: str, function, *args):
+    """function(*args), with a LoraError raised as an AggregateError naming `what`."""
+    try:
+        return function(*args)
+    except LoraError as exc:
+        raise AggregateError(f"lora_exact: {what}: {exc}") from None
+
+
+STRATEGIES: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, LoraExact)}
 
 
 def strategy_for(rules, server_state: State | None = None) -> FedAvg:
@@ -187,7 +247,7 @@ def strategy_for(rules, server_state: State | None = None) -> FedAvg:
         raise RulesError(f"unknown aggregation rule {rules.aggregation!r}; known: {', '.join(sorted(STRATEGIES))}")
     if not isinstance(rules.params, dict):
         raise RulesError(f"aggregation params must be a JSON object, got {rules.params!r:.80}")
-    clash = sorted({"weighting", "server_state"} & rules.params.keys())
+    clash = sorted({"weighting", "server_state", "adapter_config"} & rules.params.keys())
     if clash:
         raise RulesError(f"{rules.aggregation} has no parameter {clash[0]!r}")
-    return cls(rules.weighting, server_state, **rules.params)
+    return cls(rules.weighting, server_state, rules.lora, **rules.params)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 class SettingsError(ValueError):
@@ -68,3 +68,77 @@ class TrainSettings:
                                    ("max_length", self.max_length >= 2, ">= 2")):
             if not ok:
                 raise SettingsError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Prompt tuning (peft PromptTuningConfig, random init): `num_virtual_tokens` trained input embeddings."""
+
+    num_virtual_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.num_virtual_tokens, int) and not isinstance(self.num_virtual_tokens, bool)
+                and self.num_virtual_tokens > 0):
+            raise SettingsError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+
+    def to_json(self) -> dict:
+        return {"num_virtual_tokens": self.num_virtual_tokens}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> PromptSettings:
+        if not isinstance(data, Mapping) or set(data) != {"num_virtual_tokens"}:
+            raise SettingsError(f"prompt settings need exactly num_virtual_tokens, got {data!r}")
+        return cls(data["num_virtual_tokens"])
+
+    def peft_config(self):
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.num_virtual_tokens)
+
+
+@dataclass(frozen=True)
+class ClientObjective:
+    """What each hospital's local training adds to the plain completion loss; part of the federation's rules.
+
+    proximal_mu: FedProx, + mu/2 * ||w - w_global||^2 over the shared adapter's weights.
+    freeze_a: FFA-LoRA, the LoRA A matrices stay exactly at the global adapter's; only B trains (so averaging
+        B is averaging the products B @ A exactly).
+    local_rank / orthogonal_lambda: personalized LoRA, a private adapter of rank local_rank (0 = off) trains
+        beside the shared one, + lambda * sum over modules ||A_global @ A_local^T||_F^2; only the shared adapter
+        is published, evaluation uses both."""
+
+    proximal_mu: float = 0.0
+    freeze_a: bool = False
+    local_rank: int = 0
+    orthogonal_lambda: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("proximal_mu", "orthogonal_lambda"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                    or value == float("inf"):
+                raise SettingsError(f"{name} must be a finite number >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.freeze_a, bool):
+            raise SettingsError(f"freeze_a must be true or false, got {self.freeze_a!r}")
+        if isinstance(self.local_rank, bool) or not isinstance(self.local_rank, int) or self.local_rank < 0:
+            raise SettingsError(f"local_rank must be an int >= 0, got {self.local_rank!r}")
+        if self.orthogonal_lambda and not self.local_rank:
+            raise SettingsError("orthogonal_lambda needs a private adapter: set local_rank > 0")
+
+    @property
+    def personalized(self) -> bool:
+        return self.local_rank > 0
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v != getattr(ClientObjective, k)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ClientObjective:
+        if not isinstance(data, Mapping):
+            raise SettingsError(f"client objective must be a table, got {data!r:.80}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SettingsError(f"client objective has no setting {unknown[0]!r}; known: "
+                                f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**data)

@@ -1,13 +1,16 @@
-"""LoRA fine-tuning and evaluation of a base model with peft, deterministic under a seed."""
+"""Local adapter training and evaluation with peft (LoRA, personalized LoRA, prompt tuning), deterministic under a
+seed. A client objective adds FedProx's proximal term, FFA-LoRA's frozen A or a private orthogonal LoRA adapter."""
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
+import dataclasses
 import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -16,9 +19,15 @@ from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from fednode.model import BaseModel
-from fednode.settings import LoraSettings, TrainSettings
+from fednode.settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
 
-ADAPTER = "default"
+ADAPTER = "default"  # peft's name of the shared (published) adapter
+LOCAL = "local"  # the private adapter of personalized LoRA
+PROMPT_KEY = "prompt_embeddings"
+PLAIN = ClientObjective()  # the plain completion loss
+
+State = dict[str, torch.Tensor]
+Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TrainingError(RuntimeError):
@@ -30,80 +39,107 @@ class PromptCompletion(Protocol):
     completion: str
 
 
-class LoraTrainer:
-    """Owns one PeftModel over a private copy of a BaseModel; reused across clients/rounds in one process."""
+class AdapterTrainer(abc.ABC):
+    """Owns one PeftModel over a private copy of a BaseModel; reused across clients/rounds in one process.
 
-    def __init__(self, base: BaseModel, lora: LoraSettings) -> None:
+    Subclasses attach their adapter (`settings.peft_config()`), set `_params` (the shared adapter's parameters
+    under their state keys) and may override the hooks `_logits`, `_trainable`, `_weights`/`_terms` and
+    `_use_local`."""
+
+    adapter_type: str
+
+    def __init__(self, base: BaseModel, settings: LoraSettings | PromptSettings, objective: ClientObjective,
+                 label: str) -> None:
         self.base = base
-        self.lora = lora
-        # peft's own random init must not disturb the caller's RNG; peft trips a transformers deprecation warning
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        self.settings = settings
+        self.objective = objective
+        with _quiet_init():
             try:
-                self.model: PeftModel = get_peft_model(copy.deepcopy(base.model), lora.peft_config())
+                self.model: PeftModel = get_peft_model(copy.deepcopy(base.model), settings.peft_config())
             except ValueError as exc:
-                raise TrainingError(f"cannot attach LoRA to {base.name}: {exc}") from None
+                raise TrainingError(f"cannot attach {label} to {base.name}: {exc}") from None
         self.model.eval()
+        self._params: dict[str, torch.nn.Parameter] = {}
         self._device = next(self.model.parameters()).device
-        marker = f".{ADAPTER}."
-        self._params = {
-            name.replace(marker, "."): param
-            for name, param in sorted(self.model.named_parameters())
-            if marker in name and (".lora_A." in name or ".lora_B." in name)
-        }
         tok = base.tokenizer
         self._bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         self._eos = tok.eos_token_id
         self._pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    @property
+    def adapter_config(self) -> dict:
+        """The adapter's settings as JSON (the adapter part of a node's model identity)."""
+        return self.settings.to_json()
+
     # --- adapter state -------------------------------------------------------------------------
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights under peft's adapter-free names, as float32 CPU clones."""
-        return {name: p.detach().to("cpu", torch.float32).clone() for name, p in self._params.items()}
+    def adapter_state(self) -> State:
+        """The shared adapter's weights under their state keys, as float32 CPU clones."""
+        return _export(self._params)
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load LoRA weights; keys and shapes must match exactly."""
-        if set(state) != set(self._params):
-            missing, extra = sorted(set(self._params) - set(state)), sorted(set(state) - set(self._params))
-            raise TrainingError(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-        for name, param in self._params.items():
-            if not isinstance(state[name], torch.Tensor):
-                raise TrainingError(f"adapter entry {name} is a {type(state[name]).__name__}, not a tensor")
-            got, want = tuple(state[name].shape), tuple(param.shape)
-            if got != want:
-                raise TrainingError(f"adapter tensor {name} has shape {got}, expected {want}")
-        with torch.no_grad():
-            for name, param in self._params.items():
-                param.copy_(state[name])
+        """Load the shared adapter's weights; keys and shapes must match exactly."""
+        _load(self._params, state, "adapter")
 
-    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
-        """peft's default init, seeded: A ~ kaiming-uniform(a=sqrt 5), B = 0, drawn in sorted-name order."""
-        gen = torch.Generator().manual_seed(seed)
-        state = {}
-        for name, param in self._params.items():
-            tensor = torch.zeros(param.shape, dtype=torch.float32)
-            if ".lora_A." in name:
-                torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=gen)
-            state[name] = tensor
-        return state
+    @abc.abstractmethod
+    def initial_state(self, seed: int) -> State:
+        """A fresh shared adapter, deterministic in `seed`."""
 
     # --- training and evaluation ---------------------------------------------------------------
 
-    def train(
-        self,
-        examples: Sequence[PromptCompletion],
-        settings: TrainSettings,
-        start_state: Mapping[str, torch.Tensor],
-        progress: bool | str = True,
-    ) -> tuple[dict[str, torch.Tensor], dict]:
-        """Train from `start_state` on `examples` (loss on completion tokens only); returns (state, metrics).
+    def train(self, examples: Sequence[PromptCompletion], settings: TrainSettings,
+              start_state: Mapping[str, torch.Tensor], progress: bool | str = True) -> tuple[State, dict]:
+        """Train from `start_state` on `examples` (loss on completion tokens only, plus the objective's terms);
+        returns (state, metrics).
 
-        metrics: train_loss (mean over the last epoch's worth of steps), steps, samples, tokens (non-padding
-        input tokens processed) and seconds."""
+        metrics: train_loss (completion loss, mean over the last epoch's worth of steps), steps, samples, tokens
+        (non-padding input tokens processed), seconds, and per objective term its final unweighted value:
+        proximal (sum ||w - w_start||^2 over the shared adapter) when proximal_mu > 0, orthogonality (sum over
+        modules ||A_shared @ A_local^T||_F^2) when personalized."""
+        if self.objective.personalized:
+            raise TrainingError("a personalized trainer also trains its private adapter: use train_personal")
+        metrics = self._fit(examples, settings, start_state, progress)
+        return self.adapter_state(), metrics
+
+    def evaluate(self, examples: Sequence[PromptCompletion], state: Mapping[str, torch.Tensor],
+                 batch_size: int = 16, max_length: int = 64, local_state: Mapping | None = None) -> dict:
+        """Token-mean completion loss and perplexity of the model with adapter `state` (and, personalized, the
+        private adapter `local_state`; without it only the shared adapter is active)."""
+        self.load_adapter_state(state)
+        self._use_local(local_state)
+        return self._evaluate(examples, batch_size, max_length, self._logits)
+
+    def evaluate_base(self, examples: Sequence[PromptCompletion], batch_size: int = 16, max_length: int = 64) -> dict:
+        """Same as `evaluate` with the adapters disabled (the plain base model)."""
+        with self.model.disable_adapter():
+            return self._evaluate(examples, batch_size, max_length, self._model_logits)
+
+    def score(self, examples: Sequence[PromptCompletion], state: Mapping[str, torch.Tensor],
+              batch_size: int = 16, max_length: int = 64,
+              local_state: Mapping | None = None) -> list[tuple[float, int]]:
+        """Per example, with adapter `state` (and `local_state` as in `evaluate`): (summed log-likelihood of its
+        completion tokens, eos included, and their count), the same tokens `evaluate` averages its loss over."""
+        self.load_adapter_state(state)
+        self._use_local(local_state)
+        scores: list[tuple[float, int]] = []
+        for logits, labels in self._batched_logits(examples, batch_size, max_length, self._logits):
+            targets = labels[:, 1:]
+            mask = targets != -100
+            picked = logits[:, :-1].float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores += zip((picked * mask).sum(1).tolist(), mask.sum(1).tolist())
+        return scores
+
+    def _fit(self, examples: Sequence[PromptCompletion], settings: TrainSettings,
+             start_state: Mapping[str, torch.Tensor], progress: bool | str) -> dict:
+        """The training loop over the active adapters; the caller reads the trained state back."""
         encoded = self._encode_all(examples, settings.max_length)
         self.load_adapter_state(start_state)
-        params = list(self._params.values())
+        anchor = [p.detach().clone() for p in self._params.values()]
+        params = self._trainable()
+        trainable = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        weights = {name: w for name, w in self._weights().items() if w > 0}
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         per_epoch = math.ceil(len(encoded) / settings.batch_size)
         gen = torch.Generator().manual_seed(settings.seed)
@@ -117,69 +153,76 @@ class LoraTrainer:
             try:
                 for batch in _batches(len(encoded), settings.batch_size, settings.steps, gen):
                     input_ids, attention, labels = self._collate([encoded[i] for i in batch])
-                    logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-                    loss_sum, count = _completion_loss(logits, labels)
+                    loss_sum, count = _completion_loss(self._logits(input_ids, attention), labels)
                     loss = loss_sum / count
+                    losses.append(loss.item())
+                    if weights:
+                        terms = self._terms(anchor, torch.float32)
+                        loss = loss + sum(w * terms[name] for name, w in weights.items())
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.item())
                     tokens += int(attention.sum())
                     bar.update()
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
             finally:
                 self.model.eval()
         last = losses[-min(per_epoch, len(losses)):]
-        metrics = {
-            "train_loss": sum(last) / len(last),
-            "steps": len(losses),
-            "samples": len(examples),
-            "tokens": tokens,
-            "seconds": time.perf_counter() - started,
-        }
-        return self.adapter_state(), metrics
-
-    def evaluate(self, examples: Sequence[PromptCompletion], state: Mapping[str, torch.Tensor],
-                 batch_size: int = 16, max_length: int = 64) -> dict:
-        """Token-mean completion loss and perplexity of the model with adapter `state`."""
-        self.load_adapter_state(state)
-        return self._evaluate(examples, batch_size, max_length)
-
-    def evaluate_base(self, examples: Sequence[PromptCompletion], batch_size: int = 16, max_length: int = 64) -> dict:
-        """Same as `evaluate` with the adapters disabled (the plain base model)."""
-        with self.model.disable_adapter():
-            return self._evaluate(examples, batch_size, max_length)
-
-    def score(self, examples: Sequence[PromptCompletion], state: Mapping[str, torch.Tensor],
-              batch_size: int = 16, max_length: int = 64) -> list[tuple[float, int]]:
-        """Per example, with adapter `state`: (summed log-likelihood of its completion tokens, eos included, and
-        their count), the same tokens `evaluate` averages its loss over."""
-        self.load_adapter_state(state)
-        encoded = self._encode_all(examples, max_length)
-        scores: list[tuple[float, int]] = []
         with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                input_ids, attention, labels = self._collate(encoded[start:start + batch_size])
-                logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-                targets = labels[:, 1:]
-                mask = targets != -100
-                picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                scores += zip((picked * mask).sum(1).tolist(), mask.sum(1).tolist())
-        return scores
+            terms = {name: t.item() for name, t in self._terms(anchor, torch.float64).items()}
+        return {"train_loss": sum(last) / len(last), "steps": len(losses), "samples": len(examples),
+                "tokens": tokens, "seconds": time.perf_counter() - started, **terms}
 
-    def _evaluate(self, examples: Sequence[PromptCompletion], batch_size: int, max_length: int) -> dict:
-        encoded = self._encode_all(examples, max_length)
+    def _evaluate(self, examples: Sequence[PromptCompletion], batch_size: int, max_length: int,
+                  logits_of: Logits) -> dict:
         total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                input_ids, attention, labels = self._collate(encoded[start:start + batch_size])
-                logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-                loss_sum, n = _completion_loss(logits, labels)
-                total += loss_sum.item()
-                count += n
+        for logits, labels in self._batched_logits(examples, batch_size, max_length, logits_of):
+            loss_sum, n = _completion_loss(logits, labels)
+            total += loss_sum.item()
+            count += n
         loss = total / count
         return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+    def _batched_logits(self, examples: Sequence[PromptCompletion], batch_size: int, max_length: int,
+                        logits_of: Logits) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, labels) per batch of `examples` in order, without gradients."""
+        encoded = self._encode_all(examples, max_length)
+        for start in range(0, len(encoded), batch_size):
+            input_ids, attention, labels = self._collate(encoded[start:start + batch_size])
+            with torch.no_grad():
+                logits = logits_of(input_ids, attention)
+            yield logits, labels
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def _model_logits(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention).logits
+
+    def _logits(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Logits, one per input position, with the adapter on."""
+        return self._model_logits(input_ids, attention)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (all others get no gradient)."""
+        return list(self._params.values())
+
+    def _weights(self) -> dict[str, float]:
+        """Each objective term's factor in the training loss."""
+        return {"proximal": self.objective.proximal_mu / 2}
+
+    def _terms(self, anchor: Sequence[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The objective's unweighted terms in use, computed in `dtype`; `anchor` is the start of the shared
+        adapter's parameters, in `_params` order."""
+        if not self.objective.proximal_mu:
+            return {}
+        return {"proximal": sum((p.to(dtype) - a.to(dtype)).pow(2).sum() for p, a in zip(self._params.values(),
+                                                                                          anchor))}
+
+    def _use_local(self, local_state: Mapping | None) -> None:
+        """Load and activate the private adapter `local_state` (None: the shared adapter alone)."""
+        if local_state is not None:
+            raise TrainingError(f"this {self.adapter_type} trainer has no private adapter to load a local_state into")
 
     # --- encoding ------------------------------------------------------------------------------
 
@@ -211,6 +254,168 @@ class LoraTrainer:
         return input_ids.to(self._device), attention.to(self._device), labels.to(self._device)
 
 
+class LoraTrainer(AdapterTrainer):
+    """LoRA on `lora.target_modules`. State keys are peft's parameter names with ".default." removed.
+
+    Personalized (objective.local_rank > 0): a private adapter "local" (same modules, alpha and dropout, rank
+    local_rank) is active together with the shared one (peft's LoRA layers sum every active adapter) in
+    `train_personal` and in `evaluate`/`score` given a local_state; without one only "default" is active
+    (peft's set_adapter), so evaluation sees the shared adapter alone. adapter_state and load_adapter_state are
+    always the shared adapter's. freeze_a (FFA-LoRA) freezes the shared adapter's A only."""
+
+    adapter_type = "lora"
+
+    def __init__(self, base: BaseModel, lora: LoraSettings, objective: ClientObjective = PLAIN) -> None:
+        super().__init__(base, lora, objective, "LoRA")
+        self.lora = lora
+        if objective.personalized:
+            with _quiet_init():
+                self.model.add_adapter(LOCAL, dataclasses.replace(lora, r=objective.local_rank).peft_config())
+        self._params = _lora_params(self.model, ADAPTER)
+        self._local = _lora_params(self.model, LOCAL)
+
+    def initial_state(self, seed: int) -> State:
+        """peft's default init, seeded: A ~ kaiming-uniform(a=sqrt 5), B = 0, drawn in sorted-name order."""
+        return _lora_init(self._params, seed)
+
+    def initial_local_state(self, seed: int) -> State:
+        """The private adapter's peft-default init, seeded as `initial_state`."""
+        return _lora_init(self._require_local(), seed)
+
+    def local_state(self) -> State:
+        """The private adapter's weights (same keys as the shared adapter's), as float32 CPU clones."""
+        return _export(self._require_local())
+
+    def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load the private adapter's weights; keys and shapes must match exactly."""
+        _load(self._require_local(), state, "private adapter")
+
+    def train_personal(self, examples: Sequence[PromptCompletion], settings: TrainSettings,
+                       start_state: Mapping[str, torch.Tensor], local_state: Mapping[str, torch.Tensor],
+                       progress: bool | str = True) -> tuple[State, State, dict]:
+        """Train the shared adapter from `start_state` and the private one from `local_state` together (as
+        `train`, plus orthogonal_lambda * the orthogonality term); returns (state, local_state, metrics)."""
+        self._require_local()
+        if local_state is None:
+            raise TrainingError("personalized training needs the private adapter's local_state")
+        self._use_local(local_state)
+        metrics = self._fit(examples, settings, start_state, progress)
+        return self.adapter_state(), self.local_state(), metrics
+
+    def _require_local(self) -> dict[str, torch.nn.Parameter]:
+        if not self._local:
+            raise TrainingError("this LoRA trainer has no private adapter (the client objective's local_rank is 0)")
+        return self._local
+
+    def _use_local(self, local_state: Mapping | None) -> None:
+        if not self.objective.personalized:
+            return super()._use_local(local_state)
+        if local_state is not None:
+            self.load_local_state(local_state)
+        self.model.base_model.set_adapter(ADAPTER if local_state is None else [ADAPTER, LOCAL])
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        shared = [p for name, p in self._params.items() if not (self.objective.freeze_a and ".lora_A." in name)]
+        return shared + list(self._local.values())
+
+    def _weights(self) -> dict[str, float]:
+        return {**super()._weights(), "orthogonality": self.objective.orthogonal_lambda}
+
+    def _terms(self, anchor: Sequence[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        terms = super()._terms(anchor, dtype)
+        if self._local:
+            terms["orthogonality"] = sum((self._params[name].to(dtype) @ local.to(dtype).T).pow(2).sum()
+                                         for name, local in self._local.items() if ".lora_A." in name)
+        return terms
+
+
+class PromptTrainer(AdapterTrainer):
+    """Prompt tuning: `prompt.num_virtual_tokens` trained input embeddings that peft prepends to every input.
+    State: {"prompt_embeddings": (num_virtual_tokens, hidden)} float32. FedProx applies; freeze_a and
+    local_rank are LoRA-only."""
+
+    adapter_type = "prompt"
+
+    def __init__(self, base: BaseModel, prompt: PromptSettings,
+                 objective: ClientObjective = PLAIN) -> None:
+        if objective.freeze_a or objective.personalized:
+            raise TrainingError("prompt tuning has no LoRA A matrices or private adapter: "
+                                "freeze_a and local_rank apply to LoRA only")
+        super().__init__(base, prompt, objective, "prompt tuning")
+        self.prompt = prompt
+        self._params = {PROMPT_KEY: self.model.prompt_encoder[ADAPTER].embedding.weight}
+
+    def initial_state(self, seed: int) -> State:
+        """Sampled-vocabulary init (Lester et al. 2021): the base model's input embeddings of
+        num_virtual_tokens token ids drawn uniformly (with replacement) by a generator seeded with `seed`."""
+        vocab = self.model.word_embeddings.weight
+        rows = torch.randint(vocab.shape[0], (self.prompt.num_virtual_tokens,), generator=torch.Generator()
+                             .manual_seed(seed))
+        return {PROMPT_KEY: vocab.detach()[rows.to(vocab.device)].to("cpu", torch.float32).clone()}
+
+    def _logits(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """peft prepends the virtual tokens to the sequence: their logit positions are dropped."""
+        return self._model_logits(input_ids, attention)[:, self.prompt.num_virtual_tokens:]
+
+
+TRAINERS: dict[str, tuple[type[AdapterTrainer], type]] = {
+    LoraTrainer.adapter_type: (LoraTrainer, LoraSettings),
+    PromptTrainer.adapter_type: (PromptTrainer, PromptSettings),
+}
+
+
+def make_trainer(base: BaseModel, adapter_type: str, adapter_config: Mapping,
+                 objective: ClientObjective = PLAIN) -> AdapterTrainer:
+    """The trainer of adapter type "lora" or "prompt" with settings from `adapter_config` (their to_json)."""
+    if adapter_type not in TRAINERS:
+        raise TrainingError(f"unknown adapter type {adapter_type!r} (expected one of {', '.join(TRAINERS)})")
+    trainer, settings = TRAINERS[adapter_type]
+    try:
+        parsed = settings.from_json(adapter_config)
+    except (ValueError, TypeError) as exc:
+        raise TrainingError(f"bad {adapter_type} adapter config: {exc}") from None
+    return trainer(base, parsed, objective)
+
+
+def _lora_params(model: PeftModel, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """`adapter`'s LoRA parameters in sorted-name order, keyed by their names without ".<adapter>."."""
+    marker = f".{adapter}."
+    return {name.replace(marker, "."): param for name, param in sorted(model.named_parameters())
+            if marker in name and (".lora_A." in name or ".lora_B." in name)}
+
+
+def _lora_init(params: Mapping[str, torch.nn.Parameter], seed: int) -> State:
+    """peft's default LoRA init, seeded: A ~ kaiming-uniform(a=sqrt 5), B = 0, drawn in `params` order."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, param in params.items():
+        tensor = torch.zeros(param.shape, dtype=torch.float32)
+        if ".lora_A." in name:
+            torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=gen)
+        state[name] = tensor
+    return state
+
+
+def _export(params: Mapping[str, torch.nn.Parameter]) -> State:
+    return {name: p.detach().to("cpu", torch.float32).clone() for name, p in params.items()}
+
+
+def _load(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Copy `state` into `params`; keys and shapes must match exactly."""
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise TrainingError(f"{what} keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, param in params.items():
+        if not isinstance(state[name], torch.Tensor):
+            raise TrainingError(f"{what} entry {name} is a {type(state[name]).__name__}, not a tensor")
+        got, want = tuple(state[name].shape), tuple(param.shape)
+        if got != want:
+            raise TrainingError(f"{what} tensor {name} has shape {got}, expected {want}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
 def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[list[int]]:
     """`steps` mini-batches of indices; each epoch is a fresh seeded permutation cut into batches."""
     done = 0
@@ -231,6 +436,15 @@ def _completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     if count == 0:
         raise TrainingError("no completion tokens to score (completions empty or cut off by max_length)")
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"), count
+
+
+@contextlib.contextmanager
+def _quiet_init() -> Iterator[None]:
+    """peft's own random adapter init must not disturb the caller's RNG; peft trips a transformers deprecation
+    warning."""
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

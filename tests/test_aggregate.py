@@ -34,7 +34,7 @@ STATEFUL = sorted(PARAMS)
 
 
 def rules_for(aggregation: str, params: dict | None = None, weighting: str = "num_samples") -> FederationRules:
-    return FederationRules(base_model="00" * 32, lora={"r": 4}, aggregation=aggregation,
+    return FederationRules(base_model="00" * 32, lora=LoraSettings(r=4).to_json(), aggregation=aggregation,
                            params=PARAMS.get(aggregation, {}) if params is None else params, weighting=weighting)
 
 
