@@ -106,7 +106,7 @@ class Aggregator:
     def finalize(self, rec: RoundRecord) -> RoundResult:
         start, start_meta = self.start_adapter(rec)
         _, verdicts = self.verify(rec, start)
-        accepted = [WeightedUpdate(v.submission.index, v.submission.num_samples, v.state)
+        accepted = [WeightedUpdate(v.submission.index, v.submission.num_samples, v.state, v.adapter_config)
                     for v in verdicts if v.accepted]
         if not accepted:
             raise AggregatorError(f"round {rec.round_id}: no update passed verification; cancel it after its "

@@ -36,7 +36,8 @@ class AuditError(ValueError):
 
 
 class Status(enum.StrEnum):
-    VERIFIED = "VERIFIED"        # everything re-checked from chain + storage, global adapter bit-identical
+    VERIFIED = "VERIFIED"        # everything re-checked from chain + storage, global adapter bit-identical (or,
+    # for lora_exact, equal within the rules' declared tolerance: a note says so)
     CONSISTENT = "CONSISTENT"    # on-chain records agree with each other (no storage re-check asked for)
     MISMATCH = "MISMATCH"        # something provably differs from what the rules give
     UNAVAILABLE = "UNAVAILABLE"  # content needed to check the round cannot be fetched intact
@@ -109,6 +110,7 @@ class RoundAudit:
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     status: Status = Status.CONSISTENT
+    privacy: dict | None = None   # client-side DP: the accountant's epsilon after this round, recomputed here
 
     def find(self, status: Status, message: str) -> None:
         self.findings.append(Finding(status, message))
@@ -178,9 +180,10 @@ class AuditReport:
         for r in self.rounds:
             res = r.result
             closed = res.block if res else r.cancelled_block
+            eps = f"  epsilon {r.privacy['epsilon']:.3g} (delta {r.privacy['delta']:g})" if r.privacy else ""
             lines.append(f"  {r.round_id:>5} {r.state:<10} {r.opened_block:>6} {_blank(closed):>6} "
                          f"{len(r.submissions):>4} {len(res.merged) if res else '':>6}  "
-                         f"{_short(res.cid, 22) if res else '':<24} {res.gas if res else '':>8}  {r.status}")
+                         f"{_short(res.cid, 22) if res else '':<24} {res.gas if res else '':>8}  {r.status}{eps}")
             for s in r.submissions:
                 again = f" -> {s.recomputed}" if s.recomputed and s.recomputed != s.verdict else ""
                 lines.append(f"  {'':>5} #{s.index:<3} {s.hospital or _short(s.node, 10):<12} {s.num_samples:>6} "
@@ -313,6 +316,7 @@ class _Auditor:
             rules = self.rules(rec.rules_digest)
             if isinstance(rules, FederationRules):
                 ra.rules = json.loads(rules.to_bytes())
+                self.check_privacy(rules, ra)
             elif not (verify and f is not None):  # a finalized round's verification reports it as a finding
                 ra.notes.append(rules)
         self.check_commitments(rec, ra)
@@ -320,6 +324,24 @@ class _Auditor:
             self.verify_round(rec, ra)
         ra.status = _status(ra, verify)
         return ra
+
+    @staticmethod
+    def check_privacy(rules: FederationRules, ra: RoundAudit) -> None:
+        """Recompute the epsilon every update of a DP round carries (the accountant over rounds 1..this one at the
+        rules' delta) and note any published metrics that claim another."""
+        dp = rules.dp
+        if dp is None:
+            return
+        from .privacy import epsilon
+
+        eps = epsilon(dp, ra.round_id)
+        ra.privacy = {"epsilon": eps, "delta": dp.delta, "noise_multiplier": dp.noise_multiplier,
+                      "clip_norm": dp.clip_norm, "accountant": "rdp", "rounds": ra.round_id}
+        for s in ra.submissions:
+            claimed = (s.metrics or {}).get("privacy", {}).get("epsilon")
+            if claimed is None or abs(claimed - eps) > 1e-9 * max(1.0, eps):
+                ra.notes.append(f"update #{s.index} metrics claim epsilon {claimed}; the rules give {eps:.4g} after "
+                                f"{ra.round_id} rounds at delta {dp.delta:g}")
 
     # storage
     def document(self, digest: bytes) -> dict | None:
@@ -397,6 +419,7 @@ class _Auditor:
             sa.recomputed, sa.detail, sa.update_norm = verdict.reason.name, verdict.detail, content.update_norm
             if content.accepted:
                 inputs.states[sub.index] = content.state
+                inputs.configs[sub.index] = content.adapter_config
             onchain = f["verdicts"][sub.index]
             if verdict.reason == onchain:
                 continue
@@ -440,7 +463,11 @@ class _Auditor:
                 return
         res.recomputed_sha256 = hashlib.sha256(data).hexdigest()
         if res.recomputed_sha256 != f["fileSha256"].hex():
-            ra.find(Status.MISMATCH, self.explain(rec, ra, inputs, merged, data))
+            within = self.within_tolerance(rec, inputs, merged, data)
+            if within is None:
+                ra.find(Status.MISMATCH, self.explain(rec, ra, inputs, merged, data))
+            else:
+                ra.notes.append(within)
             return
         if cid_digest(cid_of(data)) != f["cidDigest"]:
             ra.find(Status.MISMATCH, f"global adapter bytes match, but its on-chain CID digest is not theirs "
@@ -452,6 +479,30 @@ class _Auditor:
             except PublishError as exc:
                 ra.notes.append(f"recomputed global adapter matches its digests, but the stored copy is not "
                                 f"available: {exc}")
+
+    def within_tolerance(self, rec: RoundRecord, inputs: _Inputs, merged: dict, data: bytes) -> str | None:
+        """For a rule whose result is only reproducible up to floating-point rounding (lora_exact's SVD differs
+        between BLAS builds): a note when the finalized adapter has the recomputed metadata and equals the
+        recomputation within the rules' declared tolerance; None otherwise (or for a bit-exact rule)."""
+        strategy = strategy_for(inputs.rules)
+        if not hasattr(strategy, "equivalent"):
+            return None
+        f = rec.finalized
+        with self.watch("fetch"):
+            try:
+                stored, stored_meta = fetch_adapter(self.store, f["cidDigest"], f["fileSha256"],
+                                                    inputs.rules.max_adapter_bytes, inputs.rules.base_model)
+            except PublishError:
+                return None
+        if stored_meta != unpack_adapter(data, len(data))[1]:
+            return None
+        with self.watch("recomputation"):
+            same, error = strategy.equivalent(stored, merged)
+        if not same:
+            return None
+        return (f"global adapter equals the recomputation within the declared tolerance "
+                f"{strategy.params['tolerance']:g} (max relative error {error:.1e}; {inputs.rules.aggregation} "
+                f"re-factors by SVD, whose last bits differ between BLAS builds)")
 
     def explain(self, rec: RoundRecord, ra: RoundAudit, inputs: _Inputs, merged: dict, data: bytes) -> str:
         """Why a finalized global adapter differs from the recomputed one: the most-differing tensor, and which
@@ -485,11 +536,13 @@ class _Inputs:
     server_state: dict | None
     submissions: list[Submission]
     states: dict[int, dict] = field(default_factory=dict)
+    configs: dict[int, dict] = field(default_factory=dict)  # each update's declared adapter config
 
     def merge(self, rules: FederationRules, indices: list[int]):
         """The aggregate of the updates at `indices` (repeats count twice) and the strategy that made it."""
         strategy = strategy_for(rules, self.server_state)
-        updates = [WeightedUpdate(i, self.submissions[i].num_samples, self.states[i]) for i in indices]
+        updates = [WeightedUpdate(i, self.submissions[i].num_samples, self.states[i], self.configs[i])
+                   for i in indices]
         return strategy.aggregate_train(self.start, updates), strategy
 
     def aggregate(self, indices: list[int], federation_id: str, round_id: int, aggregator: str

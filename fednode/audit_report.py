@@ -225,13 +225,15 @@ def _verdict_summary(report: AuditReport) -> str:
         res = r.result
         recomputed = "" if res is None or res.recomputed_merged is None else \
             ",".join(f"#{i}" for i in res.recomputed_merged)
-        match = "" if res is None or res.recomputed_sha256 is None else \
-            ("bit-identical" if res.recomputed_sha256 == res.file_sha256 else "differs")
+        match = "" if res is None or res.recomputed_sha256 is None else "bit-identical" \
+            if res.recomputed_sha256 == res.file_sha256 else "within tolerance" \
+            if r.status == Status.VERIFIED else "differs"
+        eps = f"{r.privacy['epsilon']:.3g}" if r.privacy else ""
         rows.append([f"round {r.round_id}", _badge(r.status), str(len(r.submissions)),
                      str(len(res.merged)) if res else "", _e(", ".join(f"{k} ×{v}" for k, v in rejected.items())),
-                     _e(",".join(f"#{i}" for i in res.merged) if res else ""), _e(recomputed), _e(match)])
+                     _e(",".join(f"#{i}" for i in res.merged) if res else ""), _e(recomputed), _e(match), eps])
     return _table(["round", "status", "updates", "merged", "rejected (on-chain reason)", "on-chain merged",
-                   "recomputed merged", "global adapter"], rows, {2, 3})
+                   "recomputed merged", "global adapter", "DP epsilon"], rows, {2, 3, 8})
 
 
 def _participants(report: AuditReport) -> str:
@@ -251,7 +253,8 @@ def _round_section(r: RoundAudit) -> str:
                    f'{_e(f.message)}</div>')
     out += [f'<div class="note">{_e(n)}</div>' for n in r.notes]
     rules = "" if r.rules is None else ", ".join(
-        f"{k} {json.dumps(r.rules.get(k))}" for k in ("aggregation", "weighting", "params", "max_update_norm"))
+        f"{k} {json.dumps(r.rules.get(k))}" for k in ("aggregation", "weighting", "params", "max_update_norm",
+                                                      "adapter", "client", "privacy") if r.rules.get(k) != {})
     out.append(f'<p class="muted">start adapter <code>{_e(r.base_cid)}</code>; rules <code>'
                f'{_e(_short(r.rules_digest, 16))}</code> {_e(rules)}</p>')
     rows = []

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .methods import METHODS
+
 
 def signer_from_args(w3, args):
     """The account given by --keystore (password from FEDCHAIN_PASSWORD or a prompt) or --dev-account N."""
@@ -76,7 +78,7 @@ def cmd_demo(args) -> int:
         raise ValueError("--clients and --rounds must be at least 1")
     cfg = DemoConfig(model=args.model, clients=args.clients, rounds=args.rounds, partition=args.partition,
                      source=args.source, alpha=args.alpha, seed=args.seed, out=Path(args.out),
-                     train=TrainSettings(steps=args.steps, seed=args.seed))
+                     train=TrainSettings(steps=args.steps, seed=args.seed), method=args.method)
     run_demo(cfg)
     return 0
 
@@ -127,7 +129,8 @@ def cmd_node_join(args) -> int:
     from .node import Node
 
     p = _participant(args)
-    node = Node(p.federation, p.store, None, p.client, p.rules, p.config.train, p.federation_id)
+    node = Node(p.federation, p.store, None, p.client, p.rules, p.config.train, p.federation_id,
+                adapter_config=p.config.adapter_config)
     receipt = node.join({"description": args.description} if args.description else None)
     print(f"{node.address} joined as {p.client.name}: model identity 0x{node.model_id.hex()} "
           f"(tx {receipt.tx_hash}, gas {receipt.gas_used:,}); waiting for an admin to approve it")
@@ -161,7 +164,7 @@ def cmd_round_open(args) -> int:
     agg = Aggregator(p.federation, p.store, p.rules, p.federation_id)
     latest = agg.ledger.refresh().latest_round()
     if latest is None:
-        _, cid_digest, sha = agg.publish_global(0, p.trainer.initial_state(f.seed))
+        _, cid_digest, sha = agg.publish_global(0, p.global_trainer.initial_state(f.seed))
     elif latest.finalized is not None:
         cid_digest, sha = latest.finalized["cidDigest"], latest.finalized["fileSha256"]
     else:
@@ -254,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="icd10", choices=["icd10", "drugs", "mixed"])
     p.add_argument("--steps", type=int, default=30, help="local training steps per round")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="fedavg", choices=list(METHODS),
+                   help="federated method: aggregation rule, client objective, privacy, adapter type "
+                        "(see fednode/methods.py)")
     p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
     p.set_defaults(func=cmd_demo)
 

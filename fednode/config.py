@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DataConfig
-from .settings import LoraSettings, TrainSettings
+from .settings import ClientObjective, LoraSettings, PromptSettings, SettingsError, TrainSettings
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,7 @@ class WalletSection:
 class ModelSection:
     name: str = "tiny"                    # "tiny" or "smollm2"
     cache_dir: str = ""                   # default $FEDCHAIN_CACHE or ~/.cache/fedchain
+    private_dir: str = "private"          # this hospital's private adapters (personalized rules), never published
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ class FederationSection:
     privacy: dict = field(default_factory=dict)  # client-side DP, e.g. {mechanism = "gaussian", clip_norm = 1.0,
                                                  #   noise_multiplier = 1.0, delta = 1e-5}; {} = off
     weighting: str = "num_samples"
+    adapter: str = "lora"                 # "lora" ([lora] settings) or "prompt" ([prompt] settings)
+    client: dict = field(default_factory=dict)   # what local training adds, e.g. {proximal_mu = 0.01} (FedProx),
+                                                 #   {freeze_a = true} (FFA-LoRA), {local_rank = 4,
+                                                 #   orthogonal_lambda = 0.1} (personalized); {} = plain
+    global_rank: int = 0                  # the global LoRA rank when this node's [lora] r is lower (lora_exact
+                                          #   merges ranks up to it); 0 = [lora] r
     max_update_norm: float = 50.0
     max_adapter_bytes: int = 64 * 1024 * 1024
     poll_seconds: float = 1.0
@@ -79,6 +86,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
     federation: FederationSection = field(default_factory=FederationSection)
 
     def resolve(self, value: str) -> Path:
@@ -91,6 +99,18 @@ class Config:
         if self.model.cache_dir:
             return self.resolve(self.model.cache_dir)
         return Path(os.environ.get("FEDCHAIN_CACHE", Path.home() / ".cache" / "fedchain"))
+
+    @property
+    def adapter_config(self) -> dict:
+        """This participant's own adapter config."""
+        return (self.lora if self.federation.adapter == "lora" else self.prompt).to_json()
+
+    @property
+    def global_adapter_config(self) -> dict:
+        """The federation's global adapter config (the rules' `lora`)."""
+        if self.federation.adapter == "lora" and self.federation.global_rank:
+            return dataclasses.replace(self.lora, r=self.federation.global_rank).to_json()
+        return self.adapter_config
 
     @property
     def data_config(self) -> DataConfig:
@@ -154,4 +174,13 @@ def load_config(path: Path | str) -> Config:
         config.data_config
     except ValueError as exc:
         raise ConfigError(f"{path}: [data] {exc}") from None
+    f = config.federation
+    if f.adapter not in ("lora", "prompt"):
+        raise ConfigError(f"{path}: [federation] adapter must be \"lora\" or \"prompt\", got {f.adapter!r}")
+    try:
+        ClientObjective.from_json(f.client)
+    except SettingsError as exc:
+        raise ConfigError(f"{path}: [federation] client: {exc}") from None
+    if f.global_rank < 0:
+        raise ConfigError(f"{path}: [federation] global_rank must be >= 0, got {f.global_rank}")
     return config

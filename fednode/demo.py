@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from .node import Node
 from .rules import FederationRules
 from .storage import EmbeddedStore
 from .timing import Stopwatch
-from .training import LoraSettings, LoraTrainer, TrainSettings
+from .methods import Method, method
+from .settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
+from .training import AdapterTrainer, make_trainer
 
 
 @dataclass
@@ -44,7 +47,9 @@ class DemoConfig:
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "FEDCHAIN_CACHE", Path.home() / ".cache" / "fedchain")))
     lora: LoraSettings = field(default_factory=LoraSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    method: str = "fedavg"                # a name in fednode.methods.METHODS
     round_seconds: int = 3600
     progress: bool = True
 
@@ -76,12 +81,29 @@ class EmbeddedFederation:
     joins: list[dict]
 
 
-def embedded_federation(trainer: LoraTrainer, clients, rules: FederationRules, train: TrainSettings, store,
-                        watch: Stopwatch) -> EmbeddedFederation:
-    """Deploy on a fresh embedded chain (admin = dev account 0, aggregator = dev account 9), fund one wallet per
-    hospital, and have each join and be approved. Used by the demo and the quality benchmark."""
+def method_trainers(base, method: Method, lora: LoraSettings, prompt: PromptSettings, clients: int
+                    ) -> tuple[AdapterTrainer, list[AdapterTrainer]]:
+    """The trainer of the method's global adapter config and one per hospital (shared where configs agree)."""
+    objective = ClientObjective.from_json(method.client)
+    by_config: dict[str, AdapterTrainer] = {}
+
+    def trainer_for(config: dict) -> AdapterTrainer:
+        key = json.dumps(config, sort_keys=True)
+        if key not in by_config:
+            by_config[key] = make_trainer(base, method.adapter, config, objective)
+        return by_config[key]
+
+    return (trainer_for(method.global_config(lora, prompt)),
+            [trainer_for(method.client_config(i, lora, prompt)) for i in range(clients)])
+
+
+def embedded_federation(trainers: Sequence[AdapterTrainer], clients, rules: FederationRules, train: TrainSettings,
+                        store, watch: Stopwatch, w3: Web3 | None = None) -> EmbeddedFederation:
+    """Deploy on a fresh embedded chain (or `w3`'s dev chain, e.g. anvil; admin = dev account 0, aggregator = dev
+    account 9), fund one wallet per hospital, and have each join (with its own trainer) and be approved, every
+    participant in this process. Used by the demo, the benchmark and the tests."""
     with watch("chain"):
-        w3 = connect("embedded")
+        w3 = w3 or connect("embedded")
         admin, agg_account = dev_account(w3, 0), dev_account(w3, 9)
         deployment = deploy(w3, admin, agg_account.address)
         accounts = [node_account(i) for i in range(len(clients))]
@@ -91,8 +113,8 @@ def embedded_federation(trainer: LoraTrainer, clients, rules: FederationRules, t
     admin_fed = Federation(w3, deployment, admin)
     aggregator = Aggregator(Federation(w3, deployment, agg_account), store, rules, federation_id, watch,
                             log=lambda m: None)
-    nodes = [Node(Federation(w3, deployment, a), store, trainer, c, rules, train, federation_id, watch)
-             for a, c in zip(accounts, clients)]
+    nodes = [Node(Federation(w3, deployment, a), store, t, c, rules, train, federation_id, watch)
+             for a, t, c in zip(accounts, trainers, clients, strict=True)]
     joins = []
     for node in nodes:
         receipt = node.join()
@@ -118,11 +140,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     with watch("model"):
         base = load_base_model(cfg.model, cfg.cache_dir, corpus=lambda: corpus_texts(data_cfg, 4000), seed=cfg.seed)
     log(f"base model {base.name}: identity {base.digest[:16]}…")
-    trainer = LoraTrainer(base, cfg.lora)
+    chosen = method(cfg.method)
+    trainer, trainers = method_trainers(base, chosen, cfg.lora, cfg.prompt, len(clients))
+    log(f"method {chosen.name}: {chosen.description}")
 
     store = EmbeddedStore(cfg.out / "store")
-    rules = FederationRules(base_model=base.digest, lora=cfg.lora.to_json())
-    fed = embedded_federation(trainer, clients, rules, cfg.train, store, watch)
+    rules = chosen.rules(base.digest, cfg.lora, cfg.prompt, rounds=cfg.rounds)
+    fed = embedded_federation(trainers, clients, rules, cfg.train, store, watch)
     w3, deployment, aggregator, nodes, joins = fed.w3, fed.deployment, fed.aggregator, fed.nodes, fed.joins
     log(f"Federation contract {deployment.address('Federation')} on the embedded chain (id {deployment.chain_id})")
     deployment.save(cfg.out / "deployment.json")
@@ -140,7 +164,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         result = aggregator.finalize(rec)
         cid, cid_digest, sha = result.cid, result.cid_digest, result.file_sha256
         evals = {n.client.name: n.evaluate(cid_digest, result.state) for n in nodes}
-        export_peft(result.state, base, cfg.lora, cfg.out / "adapters" / f"round-{r}")
+        export_peft(result.state, base, rules.adapter_settings, cfg.out / "adapters" / f"round-{r}")
         rows = []
         by_node = {v.submission.node: v for v in result.verdicts}
         for node in nodes:
@@ -151,7 +175,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                          "eval_perplexity": evals[node.client.name]["perplexity"], "cid": u.cid,
                          "file_sha256": u.file_sha256.hex(), "metrics_cid": u.metrics_cid,
                          "tx": u.receipt.tx_hash, "gas": u.receipt.gas_used, "verdict": v.reason.name,
-                         "update_norm": v.update_norm})
+                         "update_norm": v.update_norm, "epsilon": u.metrics.get("privacy", {}).get("epsilon"),
+                         "personal_eval_loss": u.metrics.get("personal_eval_loss")})
         summary = _summary(evals)
         rounds.append({"round": r, "opened_tx": rec.opened_tx, "base_cid_digest": rec.base_cid_digest.hex(),
                        "rules_digest": rec.rules_digest.hex(), "updates": rows,
@@ -163,8 +188,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     report = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                      if k not in ("lora", "train")},
-                   "lora": cfg.lora.to_json(), "train": asdict(cfg.train)},
+                      if k not in ("lora", "prompt", "train")},
+                   "lora": cfg.lora.to_json(), "prompt": cfg.prompt.to_json(), "train": asdict(cfg.train)},
         "base_model": {"name": base.name, "digest": base.digest},
         "clients": [{"name": c.name, "train": len(c.train), "eval": len(c.eval), "labels": c.label_counts()}
                     for c in clients],
@@ -193,7 +218,10 @@ def _print_round(log, r: int, rows: list[dict], summary: dict) -> None:
         f"{'gas':>7}  verdict")
     for row in rows:
         log(f"{row['client']:<12} {row['samples']:>7} {row['train_loss']:>10.4f} {row['eval_loss']:>9.4f}  "
-            f"{_short(row['cid'], 12):<14} {_short(row['tx'], 10):<12} {row['gas']:>7,}  {row['verdict']}")
+            f"{_short(row['cid'], 12):<14} {_short(row['tx'], 10):<12} {row['gas']:>7,}  {row['verdict']}"
+            + (f"  DP epsilon {row['epsilon']:.3g}" if row["epsilon"] is not None else "")
+            + (f"  start adapter + private one: eval loss {row['personal_eval_loss']:.4f}"
+               if row["personal_eval_loss"] is not None else ""))
     g = summary["global"]
     log(f"{'global':<12} {'':>7} {'':>10} {summary['mean_loss']:>9.4f}  {_short(g['cid'], 12):<14} "
         f"{_short(g['tx'], 10):<12} {g['gas']:>7,}  {g['accepted']} merged; worst {summary['worst_client']} "

@@ -3,6 +3,7 @@ packages, publishes and anchors its update. Patient text never leaves this objec
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from chain.clients import Federation, RoundState
 from chain.transactions import Receipt
@@ -11,12 +12,14 @@ from .adapter import pack_adapter
 from .data import ClientData
 from .ledger import RoundRecord
 from .model import model_identity
+from .private import PrivateAdapters
 from .privacy import privatize
 from .publish import adapter_metadata, fetch_adapter, fetch_rules, publish_bytes, publish_json
 from .rules import FederationRules
 from .storage import Storage
 from .timing import Stopwatch
-from .training import LoraTrainer, TrainSettings
+from .training import AdapterTrainer, TrainSettings
+from .verify import client_start
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,13 @@ class SubmittedUpdate:
 
 
 class Node:
-    def __init__(self, fed: Federation, store: Storage, trainer: LoraTrainer, client: ClientData,
+    def __init__(self, fed: Federation, store: Storage, trainer: AdapterTrainer, client: ClientData,
                  rules: FederationRules, train: TrainSettings, federation_id: str,
-                 stopwatch: Stopwatch | None = None):
+                 stopwatch: Stopwatch | None = None, private_dir: Path | None = None,
+                 adapter_config: dict | None = None):
+        """`private_dir` keeps the hospital's private adapter (personalized rules) between rounds and restarts;
+        None keeps it in memory. `adapter_config` is this node's own (default: its trainer's; a node that only
+        joins may have no trainer)."""
         self.fed = fed
         self.store = store
         self.trainer = trainer
@@ -53,6 +60,9 @@ class Node:
         self.stopwatch = stopwatch or Stopwatch()
         self._evaluations: dict[bytes, dict] = {}
         self._round_rules: dict[bytes, FederationRules] = {}
+        # this node's own adapter config (its rank may be below the global one under lora_exact)
+        self.adapter_config = adapter_config or trainer.adapter_config
+        self.private = PrivateAdapters(private_dir, federation_id, fed.address)
 
     @property
     def address(self) -> str:
@@ -60,12 +70,12 @@ class Node:
 
     @property
     def model_id(self) -> bytes:
-        return model_identity(self.rules.base_model, self.rules.lora)
+        return model_identity(self.rules.base_model, self.adapter_config)
 
     def join(self, card: dict | None = None) -> Receipt:
         """Register this node's wallet and model identity; the model card goes to storage, its digest on-chain."""
         card = {"node": self.address, "hospital": self.client.name, "base_model": self.rules.base_model,
-                "adapter": self.rules.lora, **(card or {})}
+                "adapter": self.adapter_config, **(card or {})}
         with self.stopwatch("storage"):
             _, card_digest = publish_json(self.store, card)
         with self.stopwatch("chain"):
@@ -92,33 +102,57 @@ class Node:
                 self._round_rules[rec.rules_digest] = fetch_rules(self.store, rec.rules_digest)
         return self._round_rules[rec.rules_digest]
 
+    def start_state(self, global_state: dict) -> dict:
+        """This node's start adapter from a global one: the global adapter cut to this node's rank."""
+        return client_start(global_state, self.rules, self.adapter_config)
+
     def evaluate(self, cid_digest: bytes, state: dict) -> dict:
-        """Loss and perplexity of an adapter on this hospital's held-out split (cached per adapter)."""
+        """Loss and perplexity of a global adapter (cut to this node's rank) on this hospital's held-out split
+        (cached per adapter)."""
         if cid_digest not in self._evaluations:
             with self.stopwatch("evaluation"):
-                self._evaluations[cid_digest] = self.trainer.evaluate(self.client.eval, state)
+                self._evaluations[cid_digest] = self.trainer.evaluate(self.client.eval, self.start_state(state))
         return self._evaluations[cid_digest]
+
+    def personal_state(self, round_id: int) -> dict:
+        """The private adapter this node enters round `round_id` with (its newest from an earlier round, else the
+        initial one, seeded by the node's address)."""
+        saved = self.private.latest_before(round_id)
+        return saved if saved is not None else self.trainer.initial_local_state(int(self.address, 16) % 2**31)
 
     def train(self, rec: RoundRecord) -> LocalUpdate:
         """Train from the round's global adapter on local data and package the result canonically; when the
-        round's rules ask for DP, the update is clipped and noised first and its metrics carry the accounting."""
-        start = self.global_state(rec)
-        start_eval = self.evaluate(rec.base_cid_digest, start)
+        round's rules ask for DP, the update is clipped and noised first and its metrics carry the accounting.
+        Under personalized rules the private adapter trains alongside and is kept, never published."""
+        global_state = self.global_state(rec)
+        start, start_eval = self.start_state(global_state), self.evaluate(rec.base_cid_digest, global_state)
         settings = replace(self.train_settings, seed=self.train_settings.seed + rec.round_id)
-        with self.stopwatch("training"):
-            state, stats = self.trainer.train(self.client.train, settings, start,
-                                              progress=f"{self.client.name} round {rec.round_id}")
+        progress = f"{self.client.name} round {rec.round_id}"
+        personal = {}
+        if self.trainer.objective.personalized:
+            local = self.personal_state(rec.round_id)
+            with self.stopwatch("evaluation"):
+                personal["personal_eval_loss"] = self.trainer.evaluate(self.client.eval, start,
+                                                                       local_state=local)["loss"]
+            with self.stopwatch("training"):
+                state, local, stats = self.trainer.train_personal(self.client.train, settings, start, local,
+                                                                  progress=progress)
+            self.private.save(rec.round_id, local)
+            personal["orthogonality"] = stats["orthogonality"]
+        else:
+            with self.stopwatch("training"):
+                state, stats = self.trainer.train(self.client.train, settings, start, progress=progress)
         metrics = {"round": rec.round_id, "node": self.address, "hospital": self.client.name,
                    "train_loss": stats["train_loss"], "steps": stats["steps"], "samples": stats["samples"],
                    "tokens": stats["tokens"], "global_eval_loss": start_eval["loss"],
-                   "global_eval_perplexity": start_eval["perplexity"]}
+                   "global_eval_perplexity": start_eval["perplexity"], **personal}
         dp = self.round_rules(rec).dp
         if dp is not None:
             with self.stopwatch("privacy"):
                 state, metrics["privacy"] = privatize(state, start, dp, self.fed.sender.account, self.federation_id,
                                                       rec.round_id)
         meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
-                                self.rules.lora, "update")
+                                self.adapter_config, "update")
         return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)
 
     def publish_and_submit(self, round_id: int, data: bytes, num_samples: int, metrics: dict) -> SubmittedUpdate:

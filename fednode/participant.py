@@ -11,7 +11,7 @@ from chain.wallet import keystore_password, load_keystore
 from web3 import Web3
 
 from .config import Config, ConfigError
-from .rules import FederationRules
+from .rules import FederationRules, RulesError
 from .storage import EmbeddedStore, IpfsHttpStore, Storage
 
 
@@ -69,9 +69,19 @@ class Participant:
 
     @cached_property
     def trainer(self):
-        from .training import LoraTrainer
+        """This participant's trainer: its own adapter config, the federation's client objective."""
+        from .training import make_trainer
 
-        return LoraTrainer(self.base, self.config.lora)
+        return make_trainer(self.base, self.rules.adapter, self.config.adapter_config, self.rules.objective)
+
+    @cached_property
+    def global_trainer(self):
+        """A trainer of the global adapter config (the aggregator's initial adapter)."""
+        from .training import make_trainer
+
+        if self.config.adapter_config == self.rules.lora:
+            return self.trainer
+        return make_trainer(self.base, self.rules.adapter, self.rules.lora, self.rules.objective)
 
     @cached_property
     def client(self):
@@ -82,7 +92,10 @@ class Participant:
     @cached_property
     def rules(self) -> FederationRules:
         f = self.config.federation
-        return FederationRules(base_model=self.base.digest, lora=self.config.lora.to_json(),
-                               aggregation=f.aggregation, params=f.params, weighting=f.weighting,
-                               max_update_norm=f.max_update_norm, max_adapter_bytes=f.max_adapter_bytes,
-                               privacy=f.privacy, rounds=f.rounds)
+        try:
+            return FederationRules(base_model=self.base.digest, lora=self.config.global_adapter_config,
+                                   aggregation=f.aggregation, params=f.params, weighting=f.weighting,
+                                   max_update_norm=f.max_update_norm, max_adapter_bytes=f.max_adapter_bytes,
+                                   privacy=f.privacy, rounds=f.rounds, adapter=f.adapter, client=f.client)
+        except RulesError as exc:
+            raise ConfigError(f"{self.config.path}: [federation] {exc}") from None

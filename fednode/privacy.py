@@ -139,9 +139,13 @@ def dp_event(settings: DPSettings, rounds: int):
     return events.SelfComposedDpEvent(step, rounds)
 
 
+PLD_MIN_NOISE = 0.2  # ~1 GB and ~14 s at 0.2
+
+
 def epsilon(settings: DPSettings, rounds: int, delta: float | None = None, accountant: str = "rdp") -> float:
     """Epsilon after `rounds` rounds at `delta` (default: the settings' delta), by Renyi DP ("rdp", dp_accounting's
-    default orders) or privacy loss distributions ("pld": tighter, ~0.1-2 s)."""
+    default orders) or privacy loss distributions ("pld": tighter, ~0.1-15 s; its discretised loss grows as
+    1/sigma^2, so it is refused below PLD_MIN_NOISE, where it would need gigabytes)."""
     from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
     from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
@@ -151,6 +155,9 @@ def epsilon(settings: DPSettings, rounds: int, delta: float | None = None, accou
     delta = settings.delta if delta is None else delta
     if not 0 < delta < 1:
         raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+    if accountant == "pld" and settings.noise_multiplier < PLD_MIN_NOISE:
+        raise PrivacyError(f"the pld accountant needs noise_multiplier >= {PLD_MIN_NOISE}, got "
+                           f"{settings.noise_multiplier:g}; use the rdp accountant")
     acc = classes[accountant]()
     acc.compose(dp_event(settings, rounds))
     return float(acc.get_epsilon(delta))

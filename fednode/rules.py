@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .settings import ClientObjective, LoraSettings, PromptSettings, SettingsError
+
 if TYPE_CHECKING:
     from .privacy import DPSettings
+
+ADAPTERS = {"lora": LoraSettings, "prompt": PromptSettings}
 
 
 RULES_VERSION = 1
@@ -28,7 +33,8 @@ def canonical_json(value) -> bytes:
 @dataclass(frozen=True)
 class FederationRules:
     base_model: str                       # hex digest of the base model every update must be trained on
-    lora: dict                            # adapter config (r, alpha, dropout, target_modules)
+    lora: dict                            # the global adapter's config: LoraSettings (r, alpha, dropout,
+    # target_modules) or, when adapter == "prompt", PromptSettings (num_virtual_tokens)
     aggregation: str = "fedavg"           # a name in fednode.aggregate.STRATEGIES
     params: dict = field(default_factory=dict)  # the aggregation rule's parameters
     weighting: str = "num_samples"        # FedAvg weights: "num_samples" or "uniform"
@@ -37,6 +43,9 @@ class FederationRules:
     privacy: dict = field(default_factory=dict)  # {} (off) or fednode.privacy.DPSettings fields, e.g.
     # {"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
     rounds: int = 1                       # the federation ends after this many finalized rounds
+    adapter: str = "lora"                 # "lora" or "prompt" (peft prompt tuning)
+    client: dict = field(default_factory=dict)  # fednode.settings.ClientObjective fields: what local training
+    # adds (FedProx, frozen A, a private orthogonal adapter); {} = plain local training
     version: int = RULES_VERSION
 
     def __post_init__(self):
@@ -48,6 +57,14 @@ class FederationRules:
             raise RulesError(f"rounds must be at least 1, got {self.rounds}")
         if self.max_adapter_bytes <= 0:
             raise RulesError(f"max_adapter_bytes must be > 0, got {self.max_adapter_bytes}")
+        try:
+            self.adapter_settings, self.objective
+        except SettingsError as exc:
+            raise RulesError(str(exc)) from None
+        if self.adapter == "prompt" and (self.objective.freeze_a or self.objective.personalized
+                                         or self.aggregation == "lora_exact"):
+            raise RulesError("lora_exact and client freeze_a / local_rank apply to LoRA adapters, not to "
+                             "adapter = 'prompt'")
         if self.privacy != {}:  # validated only when set: fednode.privacy imports torch
             from .privacy import PrivacyError
 
@@ -57,11 +74,31 @@ class FederationRules:
                 raise RulesError(f"privacy: {exc}") from None
 
     @property
+    def adapter_settings(self) -> LoraSettings | PromptSettings:
+        """The global adapter's config as settings (validated)."""
+        if self.adapter not in ADAPTERS:
+            raise SettingsError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        return ADAPTERS[self.adapter].from_json(self.lora)
+
+    @property
+    def objective(self) -> ClientObjective:
+        return ClientObjective.from_json(self.client)
+
+    @property
     def dp(self) -> DPSettings | None:
         """The client-side DP each update must get before it is published; None when privacy is off."""
         from .privacy import DPSettings
 
         return DPSettings.from_rules(self.privacy)
+
+    def norm_bound(self, num_params: int) -> float:
+        """The L2 bound an update of `num_params` numbers must meet: max_update_norm, raised under client-side DP
+        to what every honest noisy update meets: the clipped delta (<= C) plus Gaussian noise, whose norm is
+        below sigma C (sqrt(d) + t) with probability at least 1 - exp(-t^2 / 2); t = 8."""
+        dp = self.dp if self.privacy != {} else None
+        if dp is None:
+            return self.max_update_norm
+        return max(self.max_update_norm, dp.clip_norm * (1 + dp.noise_multiplier * (math.sqrt(num_params) + 8)))
 
     def to_bytes(self) -> bytes:
         return canonical_json(asdict(self))

@@ -29,7 +29,8 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
     log(f"node {fed.address} ({p.client.name}, {len(p.client.train)} train / {len(p.client.eval)} eval examples),"
         f" registry status {status}")
     watch = Stopwatch()
-    node = Node(fed, p.store, p.trainer, p.client, p.rules, p.config.train, p.federation_id, watch)
+    node = Node(fed, p.store, p.trainer, p.client, p.rules, p.config.train, p.federation_id, watch,
+                p.config.resolve(p.config.model.private_dir))
     ledger = Ledger(fed)
     evaluations = {}
     while not stop():
@@ -62,9 +63,13 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
 
 def _check_rules(p: Participant, node: Node, rec: RoundRecord):
     rules = node.round_rules(rec)
-    if rules.base_model != p.rules.base_model or rules.lora != p.rules.lora:
-        raise ServiceError(f"round {rec.round_id} uses base model {rules.base_model[:16]}… / adapter {rules.lora}; "
-                           f"this node has {p.rules.base_model[:16]}… / {p.rules.lora}")
+    if rules.base_model != p.rules.base_model or (rules.adapter, rules.lora) != (p.rules.adapter, p.rules.lora):
+        raise ServiceError(f"round {rec.round_id} uses base model {rules.base_model[:16]}… / {rules.adapter} adapter "
+                           f"{rules.lora}; this node has {p.rules.base_model[:16]}… / {p.rules.adapter} adapter "
+                           f"{p.rules.lora}")
+    if rules.objective != p.rules.objective:
+        raise ServiceError(f"round {rec.round_id} asks local training for {rules.client or 'the plain loss'}; this "
+                           f"node is configured for {p.rules.client or 'the plain loss'} ([federation] client)")
     return rules
 
 
@@ -78,7 +83,7 @@ def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log
     while not stop():
         rec = agg.ledger.refresh().latest_round()
         if rec is None:
-            cid, cid_digest, sha = agg.publish_global(0, p.trainer.initial_state(f.seed))
+            cid, cid_digest, sha = agg.publish_global(0, p.global_trainer.initial_state(f.seed))
             rec = agg.open_round(cid_digest, sha, f.round_seconds, f.min_updates, f.allow_below_quorum)
             log(f"round {rec.round_id} opened from the initial adapter {cid} (deadline {rec.deadline})")
         elif rec.state == RoundState.OPEN:

@@ -48,7 +48,7 @@ class Storage(Protocol):
         """Whether this store holds ``cid``."""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -92,7 +92,7 @@ class EmbeddedStore:
     def put(self, data: bytes) -> str:
         cid = cid_of(data)
         try:
-            _write_atomic(self.path_of(cid), data)
+            write_atomic(self.path_of(cid), data)
         except OSError as e:
             raise StorageError(f"cannot store CID {cid} in embedded store {self.root}: {e.strerror}") from e
         return cid

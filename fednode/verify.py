@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .adapter import AdapterError, unpack_adapter
 from .cid import cid_digest, cid_of
 from .ledger import ParticipantRecord, Submission
+from .lora_math import truncate
 from .publish import locate
-from .rules import FederationRules
+from .rules import ADAPTERS, FederationRules
+from .settings import SettingsError
 from .storage import Storage, StorageError, StorageTooLarge
 
 
@@ -35,6 +38,7 @@ class Reason(enum.IntEnum):
     SHAPE_MISMATCH = 13   # keys, shapes or dtypes differ from the global adapter's
     NON_FINITE = 14       # NaN or infinity in a tensor
     NORM_TOO_LARGE = 15   # ||update - global|| over the rules' bound
+    FROZEN_CHANGED = 16   # a LoRA A matrix differs from the global's although the rules freeze A (FFA-LoRA)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Verdict:
     detail: str
     state: dict | None = None  # parsed tensors, only when accepted
     update_norm: float | None = None
+    adapter_config: dict | None = None  # the adapter config the update declares, only when accepted
 
     @property
     def accepted(self) -> bool:
@@ -109,21 +114,53 @@ def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
             return reject(Reason.BAD_METADATA, f"metadata lacks {key}")
         if got.lower() != want.lower():
             return reject(codes[key], f"{key} is {got!r}, expected {want!r}")
-    if sorted(state) != sorted(ctx.global_state):
-        missing = sorted(set(ctx.global_state) - set(state))[:2]
-        extra = sorted(set(state) - set(ctx.global_state))[:2]
+    config = declared_config(meta, ctx.rules)
+    if isinstance(config, tuple):
+        return reject(*config)
+    start = client_start(ctx.global_state, ctx.rules, config)
+    if sorted(state) != sorted(start):
+        missing = sorted(set(start) - set(state))[:2]
+        extra = sorted(set(state) - set(start))[:2]
         return reject(Reason.SHAPE_MISMATCH, f"tensor names differ (missing {missing}, unexpected {extra})")
     for key in sorted(state):
-        want = ctx.global_state[key]
+        want = start[key]
         if state[key].shape != want.shape or state[key].dtype != want.dtype:
             return reject(Reason.SHAPE_MISMATCH, f"{key}: {tuple(state[key].shape)} {state[key].dtype} != "
                                                  f"{tuple(want.shape)} {want.dtype}")
         if not bool(torch.isfinite(state[key]).all()):
             return reject(Reason.NON_FINITE, f"{key} holds NaN or infinity")
-    norm = update_norm(state, ctx.global_state)
-    if norm > ctx.rules.max_update_norm:
-        return reject(Reason.NORM_TOO_LARGE, f"update norm {norm:.3f} > bound {ctx.rules.max_update_norm}")
-    return Verdict(sub, Reason.ACCEPTED, f"update norm {norm:.3f}", state, norm)
+    if ctx.rules.objective.freeze_a:
+        changed = next((k for k in sorted(state) if ".lora_A." in k and not torch.equal(state[k], start[k])), None)
+        if changed is not None:
+            return reject(Reason.FROZEN_CHANGED, f"{changed} differs from the global adapter's (A is frozen)")
+    norm = update_norm(state, start)
+    bound = ctx.rules.norm_bound(sum(t.numel() for t in state.values()))
+    if norm > bound:
+        return reject(Reason.NORM_TOO_LARGE, f"update norm {norm:.3f} > bound {bound:.6g}")
+    return Verdict(sub, Reason.ACCEPTED, f"update norm {norm:.3f}", state, norm, config)
+
+
+def declared_config(meta: dict, rules: FederationRules) -> dict | tuple[Reason, str]:
+    """The adapter config an update's metadata declares, or why it cannot be merged under the rules: it must be
+    the rules' own config, except that lora_exact merges LoRA adapters of any rank up to the global one (and any
+    alpha or dropout) on the same modules."""
+    try:
+        config = json.loads(meta.get("fedchain.peft_config", ""))
+        settings = ADAPTERS[rules.adapter].from_json(config)
+    except (ValueError, SettingsError) as exc:
+        return Reason.BAD_METADATA, f"fedchain.peft_config is not a {rules.adapter} config: {exc}"
+    own = rules.adapter_settings
+    if settings == own or (rules.adapter == "lora" and replace(settings, dropout=own.dropout) == own):
+        return rules.lora
+    if rules.aggregation == "lora_exact" and settings.target_modules == own.target_modules and settings.r <= own.r:
+        return settings.to_json()
+    return Reason.SHAPE_MISMATCH, (f"adapter config {config} differs from the rules' {rules.lora} (only "
+                                   f"lora_exact merges other ranks, up to the global one)")
+
+
+def client_start(global_state: dict, rules: FederationRules, config: dict) -> dict:
+    """The adapter a client with adapter `config` starts a round from: the global one, cut to its rank."""
+    return global_state if config == rules.lora else truncate(global_state, rules.lora, config)
 
 
 def fetch_submission(sub: Submission, store: Storage, ctx: RoundContext) -> tuple[str, bytes | Verdict]:

@@ -130,15 +130,15 @@ def test_privatize_follows_the_seed_policy_and_reports_the_accounting():
 ])
 def test_bad_privacy_rules_are_refused_naming_the_field(privacy, field):
     with pytest.raises(RulesError, match=field) as exc:
-        FederationRules(base_model="ab" * 32, lora={}, privacy=privacy)
+        FederationRules(base_model="ab" * 32, lora=LORA.to_json(), privacy=privacy)
     assert "\n" not in str(exc.value)
 
 
 def test_privacy_off_keeps_the_rules_document_and_on_parses_it():
-    off = FederationRules(base_model="ab" * 32, lora={})
-    assert off.dp is None and FederationRules(base_model="ab" * 32, lora={}, privacy={"mechanism": "none"}).dp is None
+    off = FederationRules(base_model="ab" * 32, lora=LORA.to_json())
+    assert off.dp is None and FederationRules(base_model="ab" * 32, lora=LORA.to_json(), privacy={"mechanism": "none"}).dp is None
     assert b'"privacy":{}' in off.to_bytes()
-    on = FederationRules(base_model="ab" * 32, lora={}, privacy={**DP.to_json(), "sampling_rate": 0.5})
+    on = FederationRules(base_model="ab" * 32, lora=LORA.to_json(), privacy={**DP.to_json(), "sampling_rate": 0.5})
     assert on.dp == DPSettings(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, sampling_rate=0.5)
     assert FederationRules.from_bytes(on.to_bytes()) == on
 
@@ -223,6 +223,24 @@ def test_epsilon_grows_with_rounds_and_sampling_and_shrinks_with_noise():
         epsilon(DP, 1, accountant="moments")
     with pytest.raises(PrivacyError, match="rounds"):
         epsilon(DP, 0)
+    with pytest.raises(PrivacyError, match="noise_multiplier >= 0.2.*rdp"):
+        epsilon(DPSettings(clip_norm=1.0, noise_multiplier=0.01, delta=1e-5), 1, accountant="pld")
+
+
+def test_the_update_norm_bound_admits_every_honest_noisy_update_and_only_dp_raises_it():
+    start = {"a": torch.zeros(64, 64), "b": torch.zeros(64, 64)}  # d = 8192, the tiny model's LoRA size
+    trained = {"a": torch.full((64, 64), 0.1), "b": torch.zeros(64, 64)}
+    d = 2 * 64 * 64
+    off = FederationRules(base_model="ab" * 32, lora=LORA.to_json())
+    assert off.norm_bound(d) == off.max_update_norm == 50.0
+    for sigma, raised in ((1.0, True), (0.1, False), (0.01, False)):  # sigma C sqrt(d): ~91, ~9, ~1
+        dp = DPSettings(clip_norm=1.0, noise_multiplier=sigma, delta=1e-5)
+        rules = replace(off, privacy=dp.to_json())
+        assert (rules.norm_bound(d) > 50.0) == raised
+        norms = [_norm({k: v - start[k] for k, v in clip_and_noise(trained, start, dp, bytes([i]) * 32)[0].items()})
+                 for i in range(20)]
+        assert max(norms) < rules.norm_bound(d)
+        assert (min(norms) > 50.0) == raised  # the default bound alone would reject every honest sigma-1 update
 
 
 # --- a round on the embedded platform -----------------------------------------------------------------------------
