@@ -1,9 +1,12 @@
-"""Non-IID medical benchmark: federated (full platform path) vs local-only vs centralized, worst hospital in view.
+"""Non-IID medical benchmark: federated methods (full platform path) vs local-only vs centralized, worst hospital
+in view.
 
-    python scripts/bench_quality.py [--config tiny|tiny-full|smollm2] [--out DIR] [--seeds 0,1] [--rounds 3] ...
+    python scripts/bench_quality.py [--config tiny|tiny-full|methods|smollm2] [--methods fedavg,dp-1] [--out DIR]
+                                    [--seeds 0,1] [--rounds 3] ...
 
-Writes DIR/quality.json (every number, the exact config, machine info), DIR/quality.md (methods x {mean loss,
-worst loss, gap, mean acc, worst acc}) and DIR/quality.png (per-hospital curves per method, worst-hospital bars,
+Writes DIR/quality.json (every number, the exact config, machine info), DIR/quality.md (setting x method: mean
+loss, worst loss, gap, cross loss, mean acc, worst acc, DP epsilon, aggregation error; each federated method minus
+local and centralized) and DIR/quality.png (worst-hospital loss and accuracy per method, quality vs DP epsilon,
 federated round time by kind). All three are rewritten after every scenario, so a long run shows its progress;
 "complete" in the JSON turns true at the end. See fednode/benchmark.py for what each method does.
 """
@@ -19,7 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CURVE_KINDS = ("training", "evaluation", "storage", "chain", "verification", "aggregation")
+TIME_KINDS = ("training", "evaluation", "privacy", "storage", "chain", "verification", "aggregation")
+KIND_COLORS = {"local": "tab:grey", "federated": "tab:blue", "centralized": "tab:green"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default scripts/results/quality-<config>)")
     p.add_argument("--settings", help="comma-separated source:partition[:alpha], e.g. icd10:natural,drugs:dirichlet:1")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--methods", help="comma-separated federated methods (fednode/methods.py), e.g. fedavg,dp-1")
     p.add_argument("--rounds", type=int)
     p.add_argument("--steps", type=int, help="optimizer steps per hospital per round")
     p.add_argument("--batch-size", type=int)
@@ -57,6 +62,8 @@ def build_config(args: argparse.Namespace):
               if getattr(args, k) is not None}
     if args.settings:
         fields["settings"] = tuple(s.strip() for s in args.settings.split(","))
+    if args.methods:
+        fields["methods"] = tuple(s.strip() for s in args.methods.split(","))
     if args.seeds:
         try:
             fields["seeds"] = tuple(int(s) for s in args.seeds.split(","))
@@ -75,64 +82,89 @@ def machine_info(threads: int) -> dict:
             "torch_threads": threads, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
+def ordered_summary(report: dict) -> dict:
+    """The summary with its settings and methods in run order (quality.json's keys are sorted)."""
+    methods = ["local", *report["config"]["methods"], "centralized"]
+    return {setting: {**report["summary"][setting], "methods": {m: report["summary"][setting]["methods"][m]
+                                                               for m in methods}}
+            for setting in dict.fromkeys(s["setting"] for s in report["scenarios"])}
+
+
 def plot(report: dict, path: Path) -> None:
-    """Per-hospital own-split loss curves per method (first seed of each setting), worst-hospital final loss and
-    accuracy per setting and method (mean over seeds, sd as error bars), federated round time by kind."""
+    """Per setting: worst-hospital final loss and MC accuracy per method (mean over seeds, sd as error bars);
+    then worst-hospital loss vs DP epsilon for the DP methods, and federated round time by kind per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fednode.benchmark import METHODS
-
-    summary = report["summary"]
+    summary = ordered_summary(report)
     settings = list(summary)
-    firsts = [next(s for s in report["scenarios"] if s["setting"] == setting) for setting in settings]
-    fig, axes = plt.subplots(len(firsts) + 1, 3, figsize=(13, 3.2 * (len(firsts) + 1)), squeeze=False)
-    for row, scenario in zip(axes, firsts):
-        for ax, method in zip(row, METHODS):
-            for hospital, h in scenario["methods"][method]["hospitals"].items():
-                ax.plot([p["round"] for p in h["curve"]], [p["loss"] for p in h["curve"]], marker="o", label=hospital)
-            ax.set_title(f"{scenario['name']}: {method}", fontsize=9)
-            ax.set_xticks([p["round"] for p in h["curve"]])
-            ax.set_xlabel("round")
-            ax.set_ylabel("own held-out loss")
-            ax.grid(alpha=0.3)
-        row[0].legend(fontsize=7)
-        lows, highs = zip(*(ax.get_ylim() for ax in row))
-        for ax in row:
-            ax.set_ylim(min(lows), max(highs))
-    bars = axes[-1]
-    width = 0.8 / len(METHODS)
-    xs = range(len(settings))
-    for ax, metric, label in ((bars[0], "worst_loss", "worst-hospital loss (lower is better)"),
-                              (bars[1], "worst_acc", "worst-hospital MC accuracy")):
-        for i, method in enumerate(METHODS):
-            stats = [summary[s]["methods"][method][metric] for s in settings]
-            ax.bar([x + (i - (len(METHODS) - 1) / 2) * width for x in xs], [v["mean"] for v in stats], width,
-                   yerr=[v["sd"] for v in stats], label=method, capsize=2)
-        ax.set_xticks(list(xs), settings, rotation=30, ha="right", fontsize=7)
-        ax.set_title(label, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    losses = [summary[s]["methods"][m]["worst_loss"]["mean"] for s in settings for m in METHODS]
-    spread = max(losses) - min(losses) or 0.1
-    bars[0].set_ylim(min(losses) - spread, max(losses) + spread)  # the differences, not the common baseline
-    bars[1].axhline(1 / report["config"]["mc_options"], color="grey", linestyle="--", label="chance")
-    bars[1].set_ylim(0, 1)
-    bars[0].legend(fontsize=7)
-    bars[1].legend(fontsize=7)
-    bottom = [0.0] * len(settings)
-    for kind in CURVE_KINDS:
-        values = [sum(r["seconds"].get(kind, 0.0) for sc in report["scenarios"] if sc["setting"] == s
-                      for r in sc["methods"]["federated"]["training"]["rounds"]) for s in settings]
-        bars[2].bar(list(xs), values, 0.6, bottom=bottom, label=kind)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    bars[2].set_xticks(list(xs), settings, rotation=30, ha="right", fontsize=7)
-    bars[2].set_title("federated round time by kind (s, all seeds)", fontsize=9)
-    bars[2].legend(fontsize=7)
+    methods = list(summary[settings[0]]["methods"])
+    fig, axes = plt.subplots(len(settings) + 1, 2, figsize=(12, 0.3 * len(methods) * (len(settings) + 1) + 3),
+                             squeeze=False)
+    ys = range(len(methods))
+    for row, setting in zip(axes, settings):
+        stats = summary[setting]["methods"]
+        colors = [KIND_COLORS[stats[m]["kind"]] for m in methods]
+        for ax, metric, label in ((row[0], "worst_loss", "worst-hospital loss (lower is better)"),
+                                  (row[1], "worst_acc", "worst-hospital MC accuracy")):
+            values = [stats[m]["final"][metric] for m in methods]
+            ax.barh(list(ys), [v["mean"] for v in values], xerr=[v["sd"] for v in values], color=colors, capsize=2)
+            ax.set_yticks(list(ys), methods, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_title(f"{setting}: {label}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+        # the axis spans the non-DP methods' differences (not the common baseline); a DP bar beyond it is labelled
+        losses = [stats[m]["final"]["worst_loss"]["mean"] for m in methods]
+        shown = [loss for m, loss in zip(methods, losses) if "epsilon" not in stats[m]] or losses
+        spread = max(shown) - min(shown) or 0.1
+        right = max(shown) + spread
+        row[0].set_xlim(min(shown) - spread, right)
+        for y, loss in zip(ys, losses):
+            if loss > right:
+                row[0].text(right, y, f"{loss:.2f} >", ha="right", va="center", fontsize=7, color="white")
+        row[1].axvline(1 / report["config"]["mc_options"], color="black", linestyle="--", linewidth=0.8)
+        row[1].set_xlim(0, 1)
+    epsilon_panel(axes[-1][0], summary)
+    time_panel(axes[-1][1], report, report["config"]["methods"])
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def epsilon_panel(ax, summary: dict) -> None:
+    """Worst-hospital loss vs the accountant's epsilon per setting (DP methods), fedavg and local as lines."""
+    for i, (setting, s) in enumerate(summary.items()):
+        color = f"C{i}"
+        dp = sorted((m["epsilon"]["mean"], m["final"]["worst_loss"]["mean"]) for m in s["methods"].values()
+                    if "epsilon" in m)
+        if dp:
+            ax.plot(*zip(*dp), marker="o", color=color, label=f"{setting} DP")
+        for name, style in (("fedavg", "--"), ("local", ":")):
+            if name in s["methods"]:
+                ax.axhline(s["methods"][name]["final"]["worst_loss"]["mean"], color=color, linestyle=style,
+                           linewidth=0.8, label=f"{setting} {name}")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon after the last round (RDP, delta of the rules)")
+    ax.set_ylabel("worst-hospital loss")
+    ax.set_title("quality vs privacy (DP methods)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
+def time_panel(ax, report: dict, federated: list[str]) -> None:
+    """Federated round wall time by kind per method, summed over every scenario."""
+    left = [0.0] * len(federated)
+    for kind in TIME_KINDS:
+        values = [sum(r["seconds"].get(kind, 0.0) for sc in report["scenarios"]
+                      for r in sc["methods"][m]["training"]["rounds"]) for m in federated]
+        ax.barh(range(len(federated)), values, 0.6, left=left, label=kind)
+        left = [a + v for a, v in zip(left, values)]
+    ax.set_yticks(range(len(federated)), federated, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title("federated round time by kind (s, all scenarios)", fontsize=9)
+    ax.legend(fontsize=6)
 
 
 def write_outputs(out: Path, report: dict) -> None:
@@ -141,13 +173,24 @@ def write_outputs(out: Path, report: dict) -> None:
     (out / "quality.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     cfg = report["config"]
     status = "complete" if report["complete"] else f"PARTIAL: {len(report['scenarios'])} scenarios so far"
+    methods = cfg["federated_methods"]
+    described = "".join(
+        f"- `{name}`: {methods[name]['description']}"
+        + ("; updates verified against FederationRules.norm_bound: max_update_norm, or the DP noise's own norm "
+           "bound where larger" if methods[name]["privacy"] else "") + "\n" for name in cfg["methods"])
     (out / "quality.md").write_text(
         f"# Quality benchmark: `{cfg['preset']}` ({status})\n\n"
         f"Base model `{cfg['model']}`, {cfg['clients']} hospitals, {cfg['rounds']} rounds x {cfg['train']['steps']} "
-        f"steps (batch {cfg['train']['batch_size']}, lr {cfg['train']['lr']}), LoRA r={cfg['lora']['r']}; final round; "
-        f"loss = completion cross-entropy on the hospital's own held-out split, cross loss = each hospital's model "
-        f"on the other hospitals' splits; acc = multiple-choice accuracy ({cfg['mc_options']} options).\n\n"
-        + markdown_table(report["summary"])
+        f"steps (batch {cfg['train']['batch_size']}, lr {cfg['train']['lr']}), LoRA r={cfg['lora']['r']}, prompt "
+        f"tuning {cfg['prompt']['num_virtual_tokens']} virtual tokens; final round; loss = completion cross-entropy "
+        f"on the hospital's own held-out split (with the hospital's own model: its rank, its private adapter), "
+        f"cross loss = each hospital's model on the other hospitals' splits; acc = multiple-choice accuracy "
+        f"({cfg['mc_options']} options); epsilon = the DP accountant's (RDP) after the last round; agg. error = "
+        f"relative Frobenius error, against the weighted mean of the round's accepted updates' LoRA products, of "
+        f"plain FedAvg's product (equal ranks only) / of the exact merge's SVD truncation to the global rank, mean "
+        f"over every round and seed.\n\n"
+        + markdown_table(ordered_summary(report))
+        + f"\nFederated methods (local and centralized train LoRA r={cfg['lora']['r']}):\n\n{described}"
         + f"\nBudget: {BUDGET}.\n\nMultiple choice: {MC_SCORING}.\n")
     plot(report, out / "quality.png")
 
