@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from .lora_math import LoraError, factors, products, refactor, relative, squared, weighted_mean
+from .lora_math import LoraError, factors, products, refactor_sum, relative, scale, squared
 from .rules import RulesError
 
 State = dict[str, torch.Tensor]
@@ -188,7 +188,7 @@ class FedYogi(FedAdam):
 class LoraExact(FedAvg):
     """Exact LoRA aggregation: the weighted mean (FedAvg's weights, submission order) of every update's product
     scale_i B_i @ A_i under its own adapter config (any rank up to the global one, any alpha), re-factored to the
-    global rank by SVD (fednode.lora_math.refactor). Stateless; `residual` is the last round's truncation residual.
+    global rank by SVD (fednode.lora_math.refactor_sum). Stateless; `residual` is the last round's truncation residual.
     The SVD is not bit-portable, so a recomputation is checked with `equivalent` within `tolerance`."""
 
     name = "lora_exact"
@@ -203,15 +203,16 @@ class LoraExact(FedAvg):
     def merge(self, global_state: State, ordered: list[WeightedUpdate], weights: list[float]) -> State:
         start = _lora("the global adapter", factors, global_state, self.adapter_config)
         shapes = {p: (b.shape[0], a.shape[1]) for p, (a, b) in start.items()}
-        every = []
-        for u in ordered:
-            update = _lora(f"update #{u.index}", products, u.state, u.adapter_config or self.adapter_config)
-            if {p: tuple(t.shape) for p, t in update.items()} != shapes:
+        terms = {p: [] for p in shapes}
+        for u, weight in zip(ordered, weights, strict=True):
+            config = u.adapter_config or self.adapter_config
+            update = _lora(f"update #{u.index}", factors, u.state, config)
+            if {p: (b.shape[0], a.shape[1]) for p, (a, b) in update.items()} != shapes:
                 raise AggregateError(f"lora_exact: update #{u.index} adapts other modules or shapes than the global "
                                      f"adapter")
-            every.append(update)
-        dense = {p: weighted_mean([update[p] for update in every], weights) for p in shapes}
-        merged, self.residual = _lora("the merged update", refactor, dense, self.adapter_config)
+            for p, (a, b) in update.items():
+                terms[p].append((a, b * (weight * scale(config))))
+        merged, self.residual = _lora("the merged update", refactor_sum, terms, self.adapter_config)
         return merged
 
     def equivalent(self, published: State, recomputed: State) -> tuple[bool, float]:

@@ -1,8 +1,8 @@
 """LoRA algebra for exact aggregation. A LoRA module's effective weight change is scale * B @ A (scale = alpha / r,
 A of shape (r, in), B of shape (out, r)); averaging A and B separately (FedAvg) is not the average of these
 products. Everything runs in float64. A product is summed one rank-1 term at a time (elementwise steps, no
-reduction), so products and their weighted means are bit-identical on any machine; only `refactor`'s SVD depends
-on the BLAS build (deterministic on one machine)."""
+reduction), so products and their weighted means are bit-identical on any machine; only the SVD and QR of
+`refactor` and `refactor_sum` depend on the BLAS build (deterministic on one machine)."""
 from __future__ import annotations
 
 import math
@@ -108,20 +108,54 @@ def refactor(dense: Mapping[str, torch.Tensor], config: Mapping) -> tuple[dict[s
     component's sign flipped so that the largest-|.| entry of its A row (the first on ties) is positive. Returns
     the float32 state (sorted keys) and the relative truncation residual ||dense - B A scale||_F / ||dense||_F,
     {"overall": .., "modules": {prefix: ..}}."""
+    return _truncated({prefix: _svd(prefix, m, config) for prefix, m in dense.items()}, config)
+
+
+def _svd(prefix: str, dense: torch.Tensor, config: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = dense.to(F64)
+    if m.dim() != 2 or settings(config).r > min(m.shape):
+        raise LoraError(f"module {prefix!r}: a dense update of shape {tuple(m.shape)} has no rank-"
+                        f"{settings(config).r} factors")
+    return torch.linalg.svd(m, full_matrices=False)
+
+
+def refactor_sum(terms: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                 config: Mapping) -> tuple[dict[str, torch.Tensor], dict]:
+    """`refactor` of each module's sum of low-rank terms sum_k B_k @ A_k, without forming the dense matrix when
+    the terms' total rank R is at least r: with B_cat = Q_b R_b and A_cat^T = Q_a R_a (QR), the sum is
+    Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core gives the sum's SVD. O((out + in) R^2) instead of
+    O(out in min(out, in)); equal to `refactor` of the dense sum up to float64 rounding."""
+    r = settings(config).r
+    svds = {}
+    for prefix, pairs in terms.items():
+        a_cat = torch.cat([a.to(F64) for a, _ in pairs], dim=0)
+        b_cat = torch.cat([b.to(F64) for _, b in pairs], dim=1)
+        if a_cat.shape[0] < r:  # the dense SVD supplies the orthonormal zero-singular-value directions
+            svds[prefix] = _svd(prefix, sum(product(a.to(F64), b.to(F64)) for a, b in pairs), config)
+            continue
+        q_b, r_b = torch.linalg.qr(b_cat)
+        q_a, r_a = torch.linalg.qr(a_cat.T)
+        u, sv, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        if sv.shape[0] < r:
+            raise LoraError(f"module {prefix!r}: a dense update of shape ({b_cat.shape[0]}, {a_cat.shape[1]}) "
+                            f"has no rank-{r} factors")
+        svds[prefix] = (q_b @ u, sv, vh @ q_a.T)
+    return _truncated(svds, config)
+
+
+def _truncated(svds: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+               config: Mapping) -> tuple[dict[str, torch.Tensor], dict]:
+    """The sign-normalised rank-r factors and truncation residuals of each module's SVD (u, sv, vh)."""
     r, s = settings(config).r, scale(config)
     state, pairs = {}, {}
-    for prefix in sorted(dense):
-        m = dense[prefix].to(F64)
-        if m.dim() != 2 or r > min(m.shape):
-            raise LoraError(f"module {prefix!r}: a dense update of shape {tuple(m.shape)} has no rank-{r} factors")
-        u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    for prefix, (u, sv, vh) in svds.items():
         a, b = vh[:r], u[:, :r] * (sv[:r] / s)
         lead = a.gather(1, a.abs().argmax(dim=1, keepdim=True)).squeeze(1)
         sign = torch.where(lead < 0, -1.0, 1.0).to(F64)
         state[prefix + A_TAG] = (a * sign[:, None]).to(torch.float32)
         state[prefix + B_TAG] = (b * sign).to(torch.float32)
         pairs[prefix] = (squared(sv[r:]), squared(sv))
-    return dict(sorted(state.items())), _relatives(pairs)
+    return dict(sorted(state.items())), _relatives(dict(sorted(pairs.items())))
 
 
 def truncate(global_state: State, global_config: Mapping, client_config: Mapping) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ split). On those real updates it measures, against D = the sample-weighted mean 
 (what the merged adapter should add to every weight matrix):
   fedavg: ||scale mean(B) mean(A) - D||_F / ||D||_F   (equal ranks only)
   exact:  ||refactor_r(D) - D||_F / ||D||_F           (lora_exact: D re-factored to rank r by SVD)
-plus each merged adapter's held-out loss per hospital and the wall time of each aggregation. Writes
+plus each merged adapter's held-out loss per hospital and the wall time of each aggregation (lora_exact also by a
+full SVD of each dense mean, against which its QR-core merge is checked). Writes
 scripts/results/aggregation-<model>.json and prints a table; both aggregations side by side in one run.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run(args) -> dict:
 
     from fednode.aggregate import FedAvg, LoraExact, WeightedUpdate
     from fednode.data import DataConfig, build_clients, corpus_texts
-    from fednode.lora_math import aggregation_error, truncate
+    from fednode.lora_math import aggregation_error, products, refactor, truncate, weighted_mean
     from fednode.model import load_base_model
     from fednode.settings import LoraSettings, TrainSettings
     from fednode.training import LoraTrainer
@@ -94,6 +95,15 @@ def run(args) -> dict:
     for strategy in ([FedAvg(adapter_config=global_config)] if equal else []) + [LoraExact(
             adapter_config=global_config)]:
         merged[strategy.name], seconds[f"aggregate_{strategy.name}"] = timed(strategy.aggregate_train, start, updates)
+    exact = strategy
+
+    def dense_svd():  # the same merge by a full SVD of each module's dense mean (what refactor_sum avoids)
+        every = [products(u.state, u.adapter_config) for u in updates]
+        normalised = [w / sum(weights) for w in weights]
+        return refactor({p: weighted_mean([e[p] for e in every], normalised) for p in every[0]}, global_config)[0]
+
+    dense, seconds["aggregate_lora_exact_dense_svd"] = timed(dense_svd)
+    _, factored_vs_dense = exact.equivalent(merged["lora_exact"], dense)
     losses = {name: {c.name: trainers[lora.r].evaluate(c.eval, state)["loss"] for c in clients}
               for name, state in merged.items()}
     worst = {name: max(v.values()) for name, v in losses.items()}
@@ -106,7 +116,7 @@ def run(args) -> dict:
                                  for kind in sorted({p.rsplit(".", 1)[-1] for p in modules})},
         "modules": len(modules), "eval_loss": losses, "worst_eval_loss": worst,
         "mean_eval_loss": {name: statistics.fmean(v.values()) for name, v in losses.items()},
-        "seconds": seconds,
+        "seconds": seconds, "lora_exact_qr_vs_dense_svd": factored_vs_dense,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": args.threads},
     }
@@ -127,6 +137,8 @@ def main(argv=None) -> int:
         err = e.get("fedavg") if name == "fedavg" else e["exact"]
         print(f"{name:<12} {err:>31.3e} {result['mean_eval_loss'][name]:>15.4f} "
               f"{result['worst_eval_loss'][name]:>8.4f} {result['seconds'][f'aggregate_{name}']:>8.3f}")
+    print(f"lora_exact by a dense SVD per module: {result['seconds']['aggregate_lora_exact_dense_svd']:.3f} s; "
+          f"largest relative product difference from the QR merge {result['lora_exact_qr_vs_dense_svd']:.1e}")
     print(f"saved {out}")
     return 0
 
