@@ -11,7 +11,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain import anvil as anvil_process
-from support import free_port, require
+from support import CORPUS, free_port, require
 from chain.clients import Federation
 from chain.connection import EMBEDDED, connect
 from chain.deployment import Deployment, deploy
@@ -140,6 +140,20 @@ def anvil_fed(anvil) -> FedChain:
 def model_cache(tmp_path_factory) -> Path:
     """A per-session model cache, so every test run builds its tiny base from scratch exactly once."""
     return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """The cache holding only tiny_base (test_model_training checks it leaves nothing else behind)."""
+    return tmp_path_factory.mktemp("tiny-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_cache):
+    """A tiny base model briefly pretrained on support.CORPUS (drug-condition sentences)."""
+    from fednode.model import load_base_model
+
+    return load_base_model("tiny", tiny_cache, corpus=lambda: CORPUS, seed=0)
 
 
 @pytest.fixture(scope="session")

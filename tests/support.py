@@ -6,6 +6,24 @@ import socket
 
 import pytest
 
+# the tiny test model's pretraining corpus (conftest's tiny_base): drug-condition sentences
+PAIRS = [
+    ("hypertension", "lisinopril"), ("type 2 diabetes", "metformin"), ("asthma", "albuterol"),
+    ("migraine", "sumatriptan"), ("depression", "sertraline"), ("epilepsy", "levetiracetam"),
+    ("hypothyroidism", "levothyroxine"), ("gout", "allopurinol"), ("rheumatoid arthritis", "methotrexate"),
+    ("iron deficiency anemia", "ferrous sulfate"), ("insomnia", "zolpidem"), ("severe acne", "isotretinoin"),
+    ("atrial fibrillation", "apixaban"), ("high cholesterol", "atorvastatin"), ("heartburn", "omeprazole"),
+    ("anxiety", "buspirone"),
+]
+TEMPLATES = [
+    "{drug} is prescribed for {cond}.",
+    "Patients with {cond} are often treated with {drug}.",
+    "Diagnosis: {cond}. Treatment: {drug} once daily.",
+    "Common side effects of {drug} include nausea, dizziness and headache.",
+    "The nurse reviewed the {drug} dose for a patient with {cond}.",
+]
+CORPUS = [t.format(drug=d, cond=c) for t in TEMPLATES for c, d in PAIRS]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 from peft import PeftModel
+
+from support import CORPUS, PAIRS, TEMPLATES
 
 from fednode.adapter import export_peft
 from fednode.model import (
@@ -23,22 +24,6 @@ from fednode.model import (
 from fednode.settings import LoraSettings, SettingsError, TrainSettings
 from fednode.training import LoraTrainer, TrainingError
 
-PAIRS = [
-    ("hypertension", "lisinopril"), ("type 2 diabetes", "metformin"), ("asthma", "albuterol"),
-    ("migraine", "sumatriptan"), ("depression", "sertraline"), ("epilepsy", "levetiracetam"),
-    ("hypothyroidism", "levothyroxine"), ("gout", "allopurinol"), ("rheumatoid arthritis", "methotrexate"),
-    ("iron deficiency anemia", "ferrous sulfate"), ("insomnia", "zolpidem"), ("severe acne", "isotretinoin"),
-    ("atrial fibrillation", "apixaban"), ("high cholesterol", "atorvastatin"), ("heartburn", "omeprazole"),
-    ("anxiety", "buspirone"),
-]
-TEMPLATES = [
-    "{drug} is prescribed for {cond}.",
-    "Patients with {cond} are often treated with {drug}.",
-    "Diagnosis: {cond}. Treatment: {drug} once daily.",
-    "Common side effects of {drug} include nausea, dizziness and headache.",
-    "The nurse reviewed the {drug} dose for a patient with {cond}.",
-]
-CORPUS = [t.format(drug=d, cond=c) for t in TEMPLATES for c, d in PAIRS]
 # known sentence shapes, unseen condition/drug combinations
 HELD_OUT = [TEMPLATES[i % 3].format(cond=c, drug=PAIRS[(i + 5) % len(PAIRS)][1]) for i, (c, _) in enumerate(PAIRS)]
 
@@ -51,16 +36,6 @@ class Pair(NamedTuple):
 QA = [Pair(f"Question: which drug treats {c}?\nAnswer:", f" {d}") for c, d in PAIRS]
 LORA = LoraSettings()
 QUICK = TrainSettings(steps=30, batch_size=8)
-
-
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model-cache")
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tiny_cache):
-    return load_base_model("tiny", tiny_cache, corpus=lambda: CORPUS, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_training import CORPUS, QA
+from test_model_training import QA
 
-from fednode.model import load_base_model
 from fednode.settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
 from fednode.training import LoraTrainer, PromptTrainer, TrainingError, make_trainer
 
@@ -22,12 +21,6 @@ def distance(a: dict, b: dict) -> float:
 
 def identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="session")
-def tiny_base(model_cache):
-    """test_model_training's tiny base (same corpus and seed), cached in conftest's session model cache."""
-    return load_base_model("tiny", model_cache, corpus=lambda: CORPUS, seed=0)
 
 
 @pytest.fixture(scope="module")
