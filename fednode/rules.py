@@ -11,12 +11,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from .settings import ClientObjective, LoraSettings, PromptSettings, SettingsError
+from .settings import ADAPTERS, ClientObjective, LoraSettings, PromptSettings, SettingsError
 
 if TYPE_CHECKING:
     from .privacy import DPSettings
-
-ADAPTERS = {"lora": LoraSettings, "prompt": PromptSettings}
 
 
 RULES_VERSION = 1

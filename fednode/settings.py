@@ -96,6 +96,9 @@ class PromptSettings:
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.num_virtual_tokens)
 
 
+ADAPTERS = {"lora": LoraSettings, "prompt": PromptSettings}  # adapter type -> its settings
+
+
 @dataclass(frozen=True)
 class ClientObjective:
     """What each hospital's local training adds to the plain completion loss; part of the federation's rules.

@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from fednode.model import BaseModel
-from fednode.settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
+from fednode.settings import ADAPTERS, ClientObjective, LoraSettings, PromptSettings, TrainSettings
 
 ADAPTER = "default"  # peft's name of the shared (published) adapter
 LOCAL = "local"  # the private adapter of personalized LoRA
@@ -358,10 +358,7 @@ class PromptTrainer(AdapterTrainer):
         return self._model_logits(input_ids, attention)[:, self.prompt.num_virtual_tokens:]
 
 
-TRAINERS: dict[str, tuple[type[AdapterTrainer], type]] = {
-    LoraTrainer.adapter_type: (LoraTrainer, LoraSettings),
-    PromptTrainer.adapter_type: (PromptTrainer, PromptSettings),
-}
+TRAINERS: dict[str, type[AdapterTrainer]] = {cls.adapter_type: cls for cls in (LoraTrainer, PromptTrainer)}
 
 
 def make_trainer(base: BaseModel, adapter_type: str, adapter_config: Mapping,
@@ -369,12 +366,11 @@ def make_trainer(base: BaseModel, adapter_type: str, adapter_config: Mapping,
     """The trainer of adapter type "lora" or "prompt" with settings from `adapter_config` (their to_json)."""
     if adapter_type not in TRAINERS:
         raise TrainingError(f"unknown adapter type {adapter_type!r} (expected one of {', '.join(TRAINERS)})")
-    trainer, settings = TRAINERS[adapter_type]
     try:
-        parsed = settings.from_json(adapter_config)
+        parsed = ADAPTERS[adapter_type].from_json(adapter_config)
     except (ValueError, TypeError) as exc:
         raise TrainingError(f"bad {adapter_type} adapter config: {exc}") from None
-    return trainer(base, parsed, objective)
+    return TRAINERS[adapter_type](base, parsed, objective)
 
 
 def _lora_params(model: PeftModel, adapter: str) -> dict[str, torch.nn.Parameter]:

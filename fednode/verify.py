@@ -16,8 +16,8 @@ from .cid import cid_digest, cid_of
 from .ledger import ParticipantRecord, Submission
 from .lora_math import truncate
 from .publish import locate
-from .rules import ADAPTERS, FederationRules
-from .settings import SettingsError
+from .rules import FederationRules
+from .settings import ADAPTERS, SettingsError
 from .storage import Storage, StorageError, StorageTooLarge
 
 
