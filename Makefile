@@ -31,9 +31,9 @@ setup: $(STAMP) $(NODE)
 demo: setup
 	$(VENV)/bin/fedchain demo --out $(OUT)
 
-## The whole test suite (real anvil, real models).
+## The whole test suite (real anvil, real models); a missing anvil, IPFS node or Chromium fails it, never skips.
 test: setup chromium
-	$(VENV)/bin/python -m pytest -q
+	FEDCHAIN_REQUIRE=all $(VENV)/bin/python -m pytest -q
 
 test-fast: setup chromium
 	$(VENV)/bin/python -m pytest -q -m "not slow"

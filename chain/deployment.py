@@ -47,6 +47,11 @@ class Deployment:
     def address(self, name: str) -> str:
         return self.contracts[name].address
 
+    @property
+    def federation_id(self) -> str:
+        """"<chain id>:<lower-case Federation address>": what every adapter file's metadata names."""
+        return f"{self.chain_id}:{self.address('Federation').lower()}"
+
     def save(self, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ _TEMPLATES = {
     "NotApproved": lambda a: f"{a[0]} is not an approved or pending participant (status {STATUS[a[1]]})",
     "ZeroModelId": lambda a: "the model identity must not be zero",
     "NotAggregator": lambda a: f"{a[0]} does not hold the aggregator role",
+    "NotCoordinator": lambda a: f"{a[0]} holds neither the aggregator nor the admin role",
     "AccessControlUnauthorizedAccount": lambda a: f"{a[0]} lacks the {ROLE_NAMES.get(a[1], a[1])} role",
     "UnknownRound": lambda a: f"round {a[0]} does not exist",
     "RoundNotOpen": lambda a: f"round {a[0]} is not open (state {ROUND_STATE[a[1]]})",

@@ -1,6 +1,8 @@
-"""Read the contracts' events, paged by block range, decoded and in chain order."""
+"""Read the contracts' events, paged by block range, decoded and in chain order; and the Federation contract's
+events as typed records."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -41,3 +43,89 @@ def iter_events(w3: Web3, contracts: list[Contract], from_block: int = 0, to_blo
             yield ChainEvent(decoded["event"], dict(decoded["args"]), log["blockNumber"], log["logIndex"],
                              log["transactionHash"].to_0x_hex(), decoded["address"])
         start = end + 1
+
+
+# ---------------------------------------------------------------- typed records of the Federation contract's events
+
+
+@dataclass(frozen=True)
+class Logged:
+    """Where an event was emitted."""
+
+    block_number: int
+    tx_hash: str
+
+
+@dataclass(frozen=True)
+class Joined(Logged):
+    node: str
+    model_id: bytes
+    metadata_digest: bytes
+
+
+@dataclass(frozen=True)
+class Approved(Logged):
+    node: str
+    admin: str
+
+
+@dataclass(frozen=True)
+class Revoked(Logged):
+    node: str
+    admin: str
+    reason: int
+
+
+@dataclass(frozen=True)
+class RoundOpened(Logged):
+    round_id: int
+    opener: str
+    base_cid_digest: bytes
+    base_sha256: bytes
+    rules_digest: bytes
+    deadline: int
+    min_updates: int
+    allow_below_quorum: bool
+
+
+@dataclass(frozen=True)
+class UpdateSubmitted(Logged):
+    round_id: int
+    node: str
+    index: int
+    cid_digest: bytes
+    file_sha256: bytes
+    num_samples: int
+    metrics_digest: bytes
+
+
+@dataclass(frozen=True)
+class RoundFinalized(Logged):
+    round_id: int
+    aggregator: str
+    cid_digest: bytes
+    file_sha256: bytes
+    accepted: int
+    verdicts: bytes
+
+
+@dataclass(frozen=True)
+class RoundCancelled(Logged):
+    round_id: int
+    by: str
+
+
+RECORDS: dict[str, type[Logged]] = {cls.__name__: cls for cls in (
+    Joined, Approved, Revoked, RoundOpened, UpdateSubmitted, RoundFinalized, RoundCancelled)}
+_SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def record_of(event: ChainEvent) -> Logged | None:
+    """The typed record of a Federation event (arguments renamed to snake_case, bytes as bytes); None for events
+    that are not the federation's own (OpenZeppelin's role events)."""
+    cls = RECORDS.get(event.name)
+    if cls is None:
+        return None
+    args = {_SNAKE.sub("_", k).lower(): bytes(v) if isinstance(v, (bytes, bytearray)) else v
+            for k, v in event.args.items()}
+    return cls(block_number=event.block_number, tx_hash=event.tx_hash, **args)

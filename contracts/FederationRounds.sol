@@ -34,7 +34,10 @@ abstract contract FederationRounds is ParticipantRegistry {
     /// @notice keccak256(abi.encode(cidDigest, fileSha256, keccak256(verdicts))) of each finalized round.
     mapping(uint256 roundId => bytes32) public resultOf;
 
+    /// @notice Only the aggregator may finalize a round.
     error NotAggregator(address account);
+    /// @notice Only the aggregator or an admin may open or cancel a round.
+    error NotCoordinator(address account);
     error NotParticipant(address node, Status status);
     error UnknownRound(uint256 roundId);
     error RoundNotOpen(uint256 roundId, RoundState state);
@@ -78,10 +81,14 @@ abstract contract FederationRounds is ParticipantRegistry {
     );
     event RoundCancelled(uint256 indexed roundId, address indexed by);
 
+    /// @dev The aggregator or an admin.
     modifier onlyCoordinator() {
-        if (!hasRole(AGGREGATOR_ROLE, msg.sender) && !hasRole(DEFAULT_ADMIN_ROLE, msg.sender)) {
-            revert NotAggregator(msg.sender);
-        }
+        _checkCoordinator();
+        _;
+    }
+
+    modifier onlyAggregator() {
+        if (!hasRole(AGGREGATOR_ROLE, msg.sender)) revert NotAggregator(msg.sender);
         _;
     }
 
@@ -123,11 +130,7 @@ abstract contract FederationRounds is ParticipantRegistry {
         uint64 numSamples,
         bytes32 metricsDigest
     ) external {
-        Round storage r = _rounds[roundId];
-        if (r.state != RoundState.Open) {
-            if (r.state == RoundState.None) revert UnknownRound(roundId);
-            revert RoundNotOpen(roundId, r.state);
-        }
+        Round storage r = _openRound(roundId);
         if (block.timestamp > r.deadline) revert DeadlinePassed(roundId, r.deadline, block.timestamp);
         Status status = statusOf(msg.sender);
         if (status != Status.Approved) revert NotParticipant(msg.sender, status);
@@ -145,13 +148,9 @@ abstract contract FederationRounds is ParticipantRegistry {
     /// @param verdicts one byte per submission, in submission order: 0 = merged, otherwise the rejection reason.
     function finalize(uint256 roundId, bytes32 cidDigest, bytes32 fileSha256, bytes calldata verdicts)
         external
+        onlyAggregator
     {
-        if (!hasRole(AGGREGATOR_ROLE, msg.sender)) revert NotAggregator(msg.sender);
-        Round storage r = _rounds[roundId];
-        if (r.state != RoundState.Open) {
-            if (r.state == RoundState.None) revert UnknownRound(roundId);
-            revert RoundNotOpen(roundId, r.state);
-        }
+        Round storage r = _openRound(roundId);
         if (cidDigest == bytes32(0) || fileSha256 == bytes32(0)) revert ZeroDigest();
         if (verdicts.length != r.submissions) revert VerdictCountMismatch(roundId, r.submissions, verdicts.length);
         uint256 accepted = _countZeroBytes(verdicts);
@@ -166,11 +165,7 @@ abstract contract FederationRounds is ParticipantRegistry {
 
     /// @notice Give up a round whose deadline passed without a result; the next round can then be opened.
     function cancelRound(uint256 roundId) external onlyCoordinator {
-        Round storage r = _rounds[roundId];
-        if (r.state != RoundState.Open) {
-            if (r.state == RoundState.None) revert UnknownRound(roundId);
-            revert RoundNotOpen(roundId, r.state);
-        }
+        Round storage r = _openRound(roundId);
         if (block.timestamp <= r.deadline) revert DeadlineNotPassed(roundId, r.deadline);
         r.state = RoundState.Cancelled;
         emit RoundCancelled(roundId, msg.sender);
@@ -178,6 +173,21 @@ abstract contract FederationRounds is ParticipantRegistry {
 
     function getRound(uint256 roundId) external view returns (Round memory) {
         return _rounds[roundId];
+    }
+
+    function _checkCoordinator() internal view {
+        if (!hasRole(AGGREGATOR_ROLE, msg.sender) && !hasRole(DEFAULT_ADMIN_ROLE, msg.sender)) {
+            revert NotCoordinator(msg.sender);
+        }
+    }
+
+    /// @dev Round `roundId`, which must be open (UnknownRound / RoundNotOpen otherwise).
+    function _openRound(uint256 roundId) private view returns (Round storage r) {
+        r = _rounds[roundId];
+        if (r.state != RoundState.Open) {
+            if (r.state == RoundState.None) revert UnknownRound(roundId);
+            revert RoundNotOpen(roundId, r.state);
+        }
     }
 
     /// @dev Number of zero bytes in `data`, 32 bytes at a time (SWAR), so the cost grows by one step per 32

@@ -59,12 +59,14 @@ def timed(function, *args):
 def run(args) -> dict:
     import torch
 
-    from fednode.aggregate import FedAvg, LoraExact, WeightedUpdate
-    from fednode.data import DataConfig, build_clients, corpus_texts
-    from fednode.lora_math import aggregation_error, products, refactor, truncate, weighted_mean
-    from fednode.model import load_base_model
-    from fednode.settings import LoraSettings, TrainSettings
-    from fednode.training import LoraTrainer
+    from fednode.learning.adapters import LoraTrainer
+    from fednode.learning.data import DataConfig, build_clients, corpus_texts
+    from fednode.learning.lora_math import aggregation_error, products, refactor, truncate, weighted_mean
+    from fednode.learning.models import load_base_model
+    from fednode.learning.settings import LoraSettings, TrainSettings
+    from fednode.strategies.base import WeightedUpdate
+    from fednode.strategies.fedavg import FedAvg
+    from fednode.strategies.lora_exact import LoraExact
 
     torch.set_num_threads(args.threads)
     data = DataConfig(num_clients=args.clients, train_per_client=args.train_per_client,

@@ -21,12 +21,12 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from chain import anvil
 from chain.clients import Federation
 from chain.compiler import load_artifact
 from chain.connection import EMBEDDED, connect, is_embedded
 from chain.deployment import deploy
 from chain.wallet import dev_account, fund
+from devstack import anvil
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gas.json"
 FEW = 4  # accepted updates in the small round

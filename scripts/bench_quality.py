@@ -8,7 +8,7 @@ Writes DIR/quality.json (every number, the exact config, machine info), DIR/qual
 loss, worst loss, gap, cross loss, mean acc, worst acc, DP epsilon, aggregation error; each federated method minus
 local and centralized) and DIR/quality.png (worst-hospital loss and accuracy per method, quality vs DP epsilon,
 federated round time by kind). All three are rewritten after every scenario, so a long run shows its progress;
-"complete" in the JSON turns true at the end. See fednode/benchmark.py for what each method does.
+"complete" in the JSON turns true at the end. See research/quality.py for what each method does.
 """
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ KIND_COLORS = {"local": "tab:grey", "federated": "tab:blue", "centralized": "tab
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from fednode.benchmark import PRESETS
+    from research.quality import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(PRESETS), default="tiny", help="preset grid (default: tiny smoke run)")
     p.add_argument("--out", type=Path, help="output folder (default scripts/results/quality-<config>)")
     p.add_argument("--settings", help="comma-separated source:partition[:alpha], e.g. icd10:natural,drugs:dirichlet:1")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--methods", help="comma-separated federated methods (fednode/methods.py), e.g. fedavg,dp-1")
+    p.add_argument("--methods", help="comma-separated federated methods (fednode/protocol/methods.py), e.g. fedavg,dp-1")
     p.add_argument("--rounds", type=int)
     p.add_argument("--steps", type=int, help="optimizer steps per hospital per round")
     p.add_argument("--batch-size", type=int)
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from fednode.benchmark import PRESETS
+    from research.quality import PRESETS
 
     cfg = PRESETS[args.config]
     train = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr))
@@ -168,7 +168,9 @@ def time_panel(ax, report: dict, federated: list[str]) -> None:
 
 
 def write_outputs(out: Path, report: dict) -> None:
-    from fednode.benchmark import BUDGET, MC_SCORING, markdown_table
+    from research.quality import BUDGET
+    from research.scoring import MC_SCORING
+    from research.summary import markdown_table
 
     (out / "quality.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     cfg = report["config"]
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from fednode.benchmark import run_scenarios, summarize
+    from research.quality import run_scenarios
+    from research.summary import summarize
 
     torch.set_num_threads(args.threads)
     out = args.out or RESULTS / f"quality-{args.config}"

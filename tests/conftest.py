@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from support import CORPUS, free_port, require
 from web3 import Web3
 
-from chain import anvil as anvil_process
-from support import CORPUS, free_port, require
 from chain.clients import Federation
 from chain.connection import EMBEDDED, connect
 from chain.deployment import Deployment, deploy
 from chain.wallet import dev_account
+from devstack import anvil as anvil_process
 
 ADMIN_INDEX = 0
 AGGREGATOR_INDEX = 9
@@ -151,7 +151,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tiny_cache):
     """A tiny base model briefly pretrained on support.CORPUS (drug-condition sentences)."""
-    from fednode.model import load_base_model
+    from fednode.learning.models import load_base_model
 
     return load_base_model("tiny", tiny_cache, corpus=lambda: CORPUS, seed=0)
 
@@ -159,7 +159,7 @@ def tiny_base(tiny_cache):
 @pytest.fixture(scope="session")
 def icd_base(model_cache):
     """The demo's tiny base model, briefly pretrained on the ICD-10 corpus of the default data config."""
-    from fednode.data import DataConfig, corpus_texts
-    from fednode.model import load_base_model
+    from fednode.learning.data import DataConfig, corpus_texts
+    from fednode.learning.models import load_base_model
 
     return load_base_model("tiny", model_cache, corpus=lambda: corpus_texts(DataConfig(), 4000), seed=0)

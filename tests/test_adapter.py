@@ -14,7 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from fednode.adapter import AdapterError, pack_adapter, tensor_norm, unpack_adapter
+from fednode.protocol.packaging import (
+    AdapterError,
+    pack_adapter,
+    tensor_norm,
+    unpack_adapter,
+)
 
 LIMIT = 1 << 20
 META = {"fedchain.round": "3", "fedchain.node": "0xabc", "fedchain.base_model": "ab" * 32,

@@ -12,19 +12,28 @@ from dataclasses import replace
 
 import pytest
 import torch
-from chain.clients import Federation
-from chain.wallet import dev_account
 from safetensors.torch import load as load_safetensors
 from test_federation import World
 
-from fednode.adapter import pack_adapter, unpack_adapter
-from fednode.aggregate import AggregateError, FedAdam, FedAvg, FedAvgM, FedYogi, WeightedUpdate, strategy_for
-from fednode.aggregator import Aggregator
-from fednode.cid import cid_of
-from fednode.publish import SERVER_STATE_KEY, PublishError, fetch_server_state, pack_global
-from fednode.rules import FederationRules, RulesError
+from chain.clients import Federation
+from chain.wallet import dev_account
+from fednode.learning.adapters import LoraTrainer
+from fednode.learning.settings import LoraSettings
+from fednode.protocol.aggregator import Aggregator
+from fednode.protocol.packaging import (
+    SERVER_STATE_KEY,
+    pack_adapter,
+    pack_global,
+    unpack_adapter,
+)
+from fednode.protocol.publish import PublishError, fetch_server_state
+from fednode.protocol.rules import FederationRules, RulesError
 from fednode.storage import EmbeddedStore
-from fednode.training import LoraSettings, LoraTrainer
+from fednode.storage.cid import cid_of
+from fednode.strategies.base import AggregateError, WeightedUpdate
+from fednode.strategies.fedavg import FedAvg
+from fednode.strategies.fedopt import FedAdam, FedAvgM, FedYogi
+from fednode.strategies.registry import build
 
 SHAPES = {"layer.lora_A": (4, 64), "layer.lora_B": (64, 4), "wide.lora_A": (257, 255)}  # 65k: threaded kernels
 PARAMS = {"fedavgm": {"server_learning_rate": 0.7, "server_momentum": 0.9},
@@ -85,9 +94,9 @@ def prior_state(cls, start, seed):
 @pytest.mark.parametrize("warm", [False, True], ids=["first_round", "with_state"])
 def test_server_optimizer_matches_reference(name, warm):
     start, updates = synthetic_round(1)
-    cls = type(strategy_for(rules_for(name)))
+    cls = type(rules_for(name).strategy())
     prior = prior_state(cls, start, 2) if warm else None
-    strategy = strategy_for(rules_for(name), prior)
+    strategy = rules_for(name).strategy(prior)
     merged = strategy.aggregate_train(start, updates)
     for key, x32 in start.items():
         x = x32.double()
@@ -108,10 +117,25 @@ def test_server_optimizer_matches_reference(name, warm):
 
 
 @pytest.mark.parametrize("weighting", ["num_samples", "uniform"])
+def test_fedavg_is_the_weighted_mean_written_out_by_hand(weighting):
+    """FedAvg against its formula, sum_i n_i x_i / sum_i n_i, evaluated element by element in Python floats (float64):
+    the result is that mean rounded once to float32."""
+    start, updates = synthetic_round(4)
+    merged = FedAvg(weighting).aggregate_train(start, updates)
+    n = [u.num_samples if weighting == "num_samples" else 1 for u in updates]
+    for key in start:
+        columns = zip(*(u.state[key].double().flatten().tolist() for u in updates))
+        by_hand = [sum(w * x for w, x in zip(n, column)) / sum(n) for column in columns]
+        got = merged[key].double().flatten().tolist()
+        assert merged[key].dtype == torch.float32 and len(got) == len(by_hand)
+        assert all(abs(g - h) <= 2.0 ** -24 * abs(h) + 1e-300 for g, h in zip(got, by_hand)), key
+
+
+@pytest.mark.parametrize("weighting", ["num_samples", "uniform"])
 def test_fedavgm_without_momentum_at_unit_rate_is_fedavg(weighting):
     start, updates = synthetic_round(3)
-    momentum = strategy_for(rules_for("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.0},
-                                      weighting))
+    momentum = rules_for("fedavgm", {"server_learning_rate": 1.0, "server_momentum": 0.0},
+                                      weighting).strategy()
     fedavg = FedAvg(weighting)
     for _ in range(2):  # the second round runs with the recorded (zero-momentum) state
         merged = momentum.aggregate_train(start, updates)
@@ -128,17 +152,17 @@ def _packed_round(strategy, start, updates) -> tuple[bytes, bytes]:
 @pytest.mark.parametrize("name", STATEFUL)
 def test_three_rounds_in_one_object_equal_three_restarts_from_recorded_state(name):
     rules = rules_for(name)
-    uninterrupted = strategy_for(rules)
+    uninterrupted = rules.strategy()
     recorded = None                     # what a restarted aggregator fetches: the packed state bytes
     start = None
     for round_id in range(1, 4):
         start, updates = synthetic_round(10 + round_id, start)
         merged_bytes, state_bytes = _packed_round(uninterrupted, start, updates)
         restored = None if recorded is None else unpack_adapter(recorded, 1 << 30)[0]
-        restarted = strategy_for(rules, restored)
+        restarted = rules.strategy(restored)
         assert _packed_round(restarted, start, updates) == (merged_bytes, state_bytes)
         if round_id == 3:  # the carried state matters: starting over from zeros gives another global adapter
-            assert _packed_round(strategy_for(rules), start, updates)[0] != merged_bytes
+            assert _packed_round(rules.strategy(), start, updates)[0] != merged_bytes
         recorded = state_bytes
         start = unpack_adapter(merged_bytes, 1 << 30)[0]
 
@@ -148,8 +172,8 @@ import sys
 from pathlib import Path
 import torch
 from safetensors.torch import load, save
-from fednode.aggregate import WeightedUpdate, strategy_for
-from fednode.rules import FederationRules
+from fednode.strategies.base import WeightedUpdate
+from fednode.protocol.rules import FederationRules
 torch.set_num_threads(1)
 d = Path(sys.argv[1])
 for case in sorted(p.name for p in d.iterdir() if p.is_dir()):
@@ -158,7 +182,7 @@ for case in sorted(p.name for p in d.iterdir() if p.is_dir()):
     state = load((c / "state.st").read_bytes()) if (c / "state.st").exists() else None
     ups = [WeightedUpdate(int(p.stem.split("_")[1]), int(p.stem.split("_")[2]), load(p.read_bytes()))
            for p in sorted(c.glob("update_*.st"))]
-    strategy = strategy_for(rules, state)
+    strategy = rules.strategy(state)
     (c / "merged.out").write_bytes(save(strategy.aggregate_train(load((c / "start.st").read_bytes()), ups)))
     if strategy.server_state is not None:
         (c / "state.out").write_bytes(save(strategy.server_state))
@@ -172,7 +196,7 @@ def test_bit_identical_in_another_process_with_scalar_kernels(tmp_path):
     for name in ["fedavg", *STATEFUL]:
         rules = rules_for(name)
         start, updates = synthetic_round(20)
-        warm = strategy_for(rules)
+        warm = rules.strategy()
         warm.aggregate_train(start, updates)           # a round earlier, so the state is not all zeros
         start, updates = synthetic_round(21, start)
         case = tmp_path / name
@@ -183,7 +207,7 @@ def test_bit_identical_in_another_process_with_scalar_kernels(tmp_path):
             (case / "state.st").write_bytes(pack_adapter(warm.server_state, {}))
         for u in updates:
             (case / f"update_{u.index}_{u.num_samples}.st").write_bytes(pack_adapter(u.state, {}))
-        expected[name] = _packed_round(strategy_for(rules, warm.server_state), start, updates)
+        expected[name] = _packed_round(rules.strategy(warm.server_state), start, updates)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default"}
     subprocess.run([sys.executable, "-c", SUBPROCESS, str(tmp_path)], check=True, env=env, timeout=300)
     for name, (merged_bytes, state_bytes) in expected.items():
@@ -207,12 +231,11 @@ def test_bit_identical_in_another_process_with_scalar_kernels(tmp_path):
     ("fedavgm", {"server_learning_rate": "1"}, "server_learning_rate must be a finite number"),
 ])
 def test_unknown_rule_or_bad_parameter_is_refused_in_one_line(aggregation, params, problem):
-    rules = rules_for(aggregation, params)
     with pytest.raises(RulesError, match=re.escape(problem)) as info:
-        strategy_for(rules)
+        build(aggregation, params, "num_samples", LoraSettings(r=4).to_json())
     assert "\n" not in str(info.value)
-    with pytest.raises(RulesError):  # an aggregator with such rules never opens a round
-        Aggregator(None, None, rules, "fid")
+    with pytest.raises(RulesError, match=re.escape(problem)):  # such rules are never built: no round opens
+        rules_for(aggregation, params)
 
 
 def test_state_that_does_not_fit_the_adapter_is_refused():
@@ -231,7 +254,7 @@ def test_recorded_state_is_fetched_verified_and_only_for_its_own_rule(tmp_path):
     store = EmbeddedStore(tmp_path / "store")
     start, updates = synthetic_round(7)
     rules = rules_for("fedadam")
-    strategy = strategy_for(rules)
+    strategy = rules.strategy()
     merged = strategy.aggregate_train(start, updates)
     data, state_data = pack_global("fid", 1, "0xagg", rules, merged, strategy.server_state)
     store.put(state_data)
@@ -261,7 +284,7 @@ def test_aggregator_continues_fedadam_from_the_state_round_one_recorded(tmp_path
     world = World(tmp_path, icd_base, trainer, n_honest=2)
     rules = replace(world.rules, aggregation="fedadam", params={"eta": 0.01})
     fed = world.aggregator.fed
-    agg = Aggregator(fed, world.store, rules, world.fid, log=world.log.append)
+    agg = Aggregator(fed, world.store, rules, log=world.log.append)
 
     def accepted(result):
         assert len(result.accepted) == 2
@@ -273,7 +296,7 @@ def test_aggregator_continues_fedadam_from_the_state_round_one_recorded(tmp_path
             node.participate(rec)
         return aggregator.finalize(rec)
 
-    uninterrupted = strategy_for(rules)  # one optimizer kept in memory across both rounds
+    uninterrupted = rules.strategy()  # one optimizer kept in memory across both rounds
     first = run_round(agg, world.cid_digest, world.sha)
     expected = uninterrupted.aggregate_train(world.initial, accepted(first))
     assert all(torch.equal(first.state[k], expected[k]) for k in expected)
@@ -282,7 +305,7 @@ def test_aggregator_continues_fedadam_from_the_state_round_one_recorded(tmp_path
     assert pack_adapter(recorded, {}) == pack_adapter(uninterrupted.server_state, {})
 
     restarted = Aggregator(Federation(world.w3, world.deployment, dev_account(world.w3, 9)), world.store, rules,
-                           world.fid, log=world.log.append)
+                           log=world.log.append)
     second = run_round(restarted, first.cid_digest, first.file_sha256)
     merged = uninterrupted.aggregate_train(first.state, accepted(second))
     data, state_data = pack_global(world.fid, second.round_id, fed.address, rules, merged,
@@ -290,5 +313,5 @@ def test_aggregator_continues_fedadam_from_the_state_round_one_recorded(tmp_path
     assert hashlib.sha256(data).digest() == second.file_sha256 and world.store.get(second.cid) == data
     assert world.store.get(cid_of(state_data)) == state_data
     # starting round 2 from zeros instead of the recorded state would have given another adapter
-    fresh = strategy_for(rules).aggregate_train(first.state, accepted(second))
+    fresh = rules.strategy().aggregate_train(first.state, accepted(second))
     assert not all(torch.equal(fresh[k], merged[k]) for k in merged)

@@ -17,34 +17,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from chain.clients import Federation
-from chain.connection import connect
-from chain.deployment import deploy
-from chain.wallet import dev_account, fund
 from support import require
 
-from fednode.adapter import pack_adapter, unpack_adapter
-from fednode.aggregate import FedAvg, WeightedUpdate
-from fednode.aggregator import Aggregator
+from chain.connection import connect
 from fednode.audit import AuditReport, Status, run_audit
-from fednode.cid import cid_digest, cid_of
-from fednode.cli import main
-from fednode.data import DataConfig, build_clients
-from fednode.demo import node_account
-from fednode.node import Node
-from fednode.publish import SERVER_STATE_KEY, locate
-from fednode.rules import FederationRules
+from fednode.learning.adapters import LoraTrainer
+from fednode.learning.data import DataConfig, build_clients
+from fednode.learning.privacy import DPSettings, epsilon
+from fednode.learning.settings import LoraSettings, TrainSettings
+from fednode.ops.cli import main
+from fednode.ops.embedded import EmbeddedFederation
+from fednode.protocol.packaging import SERVER_STATE_KEY, pack_adapter, unpack_adapter
+from fednode.protocol.publish import locate
+from fednode.protocol.rules import FederationRules
+from fednode.protocol.verify import Reason
 from fednode.storage import EmbeddedStore
-from fednode.training import LoraSettings, LoraTrainer, TrainSettings
-from fednode.verify import Reason
+from fednode.storage.cid import cid_digest, cid_of
+from fednode.strategies.base import WeightedUpdate
+from fednode.strategies.fedavg import FedAvg
 
 ROOT = Path(__file__).resolve().parent.parent
-FEDCHAIN = [sys.executable, "-m", "fednode.cli"]
+FEDCHAIN = [sys.executable, "-m", "fednode"]
 LORA = LoraSettings()
 TRAIN = TrainSettings(steps=4, batch_size=4)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VERIFIED_GREEN, MISMATCH_RED = 0x2E7D32, 0xC62828  # badge colours of fednode.audit_report
+VERIFIED_GREEN, MISMATCH_RED = 0x2E7D32, 0xC62828  # badge colours of fednode.audit.html
 
 
 class World:
@@ -52,33 +50,23 @@ class World:
     and 24 training examples (so sample weighting matters), a fourth node that misbehaves, and an aggregator that
     can be made to cheat."""
 
-    def __init__(self, rpc: str, work: Path, base, trainer, aggregation: str = "fedavg"):
-        self.w3 = connect(rpc)
-        self.admin, agg = dev_account(self.w3, 0), dev_account(self.w3, 9)
-        self.deployment = deploy(self.w3, self.admin, agg.address)
-        self.deployment.save(work / "deployment.json")
-        fid = f"{self.deployment.chain_id}:{self.deployment.address('Federation').lower()}"
+    def __init__(self, rpc: str, work: Path, base, trainer, aggregation: str = "fedavg", privacy: dict | None = None):
         self.store = EmbeddedStore(work / "store")
         rules = FederationRules(base_model=base.digest, lora=LORA.to_json(), max_adapter_bytes=1 << 20,
-                                aggregation=aggregation)
-        self.admin_fed = Federation(self.w3, self.deployment, self.admin)
-        self.agg = Aggregator(Federation(self.w3, self.deployment, agg), self.store, rules, fid, log=lambda m: None)
-        clients = build_clients(DataConfig(num_clients=4, train_per_client=24, eval_per_client=8))
-        nodes = []
-        for i, client in enumerate(clients):
-            account = node_account(300 + i)
-            fund(self.w3, self.admin, account.address, 10**19)
-            node = Node(Federation(self.w3, self.deployment, account), self.store, trainer,
-                        replace(client, train=client.train[:8 * (i + 1)]), rules, TRAIN, fid)
-            node.join()
-            self.admin_fed.approve(node.address)
-            nodes.append(node)
-        self.nodes, self.attacker = nodes[:3], nodes[3]
-        _, *self.base = self.agg.publish_global(0, trainer.initial_state(0))
+                                aggregation=aggregation, privacy=privacy or {})
+        clients = [replace(c, train=c.train[:8 * (i + 1)])
+                   for i, c in enumerate(build_clients(DataConfig(num_clients=4, train_per_client=24, eval_per_client=8)))]
+        self.fed = EmbeddedFederation.create([trainer] * 4, clients, rules, TRAIN, self.store, w3=connect(rpc),
+                                             first_account=300)
+        self.w3, self.deployment, self.admin_fed, self.agg = (self.fed.w3, self.fed.deployment, self.fed.admin,
+                                                              self.fed.aggregator)
+        self.deployment.save(work / "deployment.json")
+        self.nodes, self.attacker = self.fed.nodes[:3], self.fed.nodes[3]
+        self.fed.start(trainer.initial_state(0))
         self.finalized_sha: dict[int, str] = {}  # round -> sha256 of the global adapter the aggregator published
 
     def open_and_submit(self):
-        rec = self.agg.open_round(*self.base, 3600, 1)
+        rec = self.fed.open()
         for node in self.nodes:
             node.participate(rec)
         return rec
@@ -86,8 +74,7 @@ class World:
     def honest_round(self, attack=lambda rec: None) -> int:
         rec = self.open_and_submit()
         attack(rec)
-        result = self.agg.finalize(rec)
-        self.base = [result.cid_digest, result.file_sha256]
+        result = self.fed.finalize(rec)
         self.finalized_sha[result.round_id] = result.file_sha256.hex()
         return result.round_id
 
@@ -104,7 +91,7 @@ class World:
                                                            for i in merge])
         _, digest, sha = self.agg.publish_global(rec.round_id, merged)
         self.agg.fed.finalize(rec.round_id, digest, sha, bytes(claims))
-        self.base = [digest, sha]
+        self.fed.base = (digest, sha)
         return rec.round_id
 
 
@@ -344,7 +331,7 @@ def test_html_report_renders_in_headless_chromium(audited, tmp_path):
     def find():
         if not (shutil.which("chromium") or shutil.which("chromium-browser")):
             raise FileNotFoundError("chromium not found: apt-get install -y chromium")
-    require(find, FileNotFoundError, "HTML report")
+    require(find, FileNotFoundError, "Chromium (for the HTML report test)")
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     report = audited.work / "full.html"
     assert "<script" not in report.read_text() and "http://" not in report.read_text().replace(
@@ -384,3 +371,32 @@ def test_server_optimizer_state_is_carried_between_rounds_and_reverified(icd_bas
     assert [r.status for r in report.rounds] == [Status.VERIFIED, Status.UNAVAILABLE]
     [finding] = report.rounds[1].findings
     assert finding.message.startswith("start adapter's server optimizer state: ") and state_cid in finding.message
+
+
+def test_a_round_that_does_not_start_from_the_last_global_adapter_is_noted(icd_base, trainer, tmp_path):
+    world = World("embedded", tmp_path, icd_base, trainer)
+    initial = world.fed.base
+    world.honest_round()
+    world.fed.base = initial  # the coordinator opens round 2 from the initial adapter again
+    world.honest_round()
+    first, second = run_audit(world.w3, world.deployment, world.store, verify=True).rounds
+    assert first.notes == [] and second.base_cid == first.base_cid != first.result.cid
+    assert second.notes == [f"starts from {second.base_cid}, not from round 1's global adapter {first.result.cid}"]
+
+
+def test_a_node_whose_epsilon_differs_from_the_rules_is_noted(icd_base, trainer, tmp_path):
+    dp = {"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+    world = World("embedded", tmp_path, icd_base, trainer, privacy=dp)
+    attacker = world.attacker
+
+    def understated(rec):  # a correctly noised update whose metrics claim a smaller epsilon than the rules give
+        update = attacker.train(rec)
+        metrics = {**update.metrics, "privacy": {**update.metrics["privacy"], "epsilon": 0.5}}
+        attacker.publish_and_submit(rec.round_id, update.data, update.num_samples, metrics)
+
+    world.honest_round(understated)
+    [r] = run_audit(world.w3, world.deployment, world.store, verify=True).rounds
+    eps = epsilon(DPSettings.from_rules(dp), 1)
+    assert r.status == Status.VERIFIED and r.privacy["epsilon"] == eps > 0.5
+    assert [s.metrics["privacy"]["epsilon"] for s in r.submissions] == [eps] * 3 + [0.5]
+    assert r.notes == [f"update #3 metrics claim epsilon 0.5; the rules give {eps:.4g} after 1 rounds at delta 1e-05"]

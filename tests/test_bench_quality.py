@@ -14,20 +14,14 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
-from fednode.benchmark import (
-    BenchConfig,
-    BenchmarkError,
-    Choice,
-    Model,
-    Scenario,
-    multiple_choice_accuracy,
-)
-from fednode.data import DataConfig, build_clients, multiple_choice_items
-from fednode.privacy import DPSettings, epsilon
-from fednode.settings import ClientObjective, LoraSettings, PromptSettings
-from fednode.training import make_trainer
+from fednode.learning.adapters import make_trainer
+from fednode.learning.data import DataConfig, build_clients
+from fednode.learning.privacy import DPSettings, epsilon
+from fednode.learning.settings import ClientObjective, LoraSettings
+from research.multiple_choice import multiple_choice_items
+from research.quality import BenchConfig, Scenario
+from research.scoring import BenchmarkError, Choice, Model, multiple_choice_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench_quality.py"

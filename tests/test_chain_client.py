@@ -28,7 +28,7 @@ def fedchain(*args: str, cwd: Path = REPO, env: dict | None = None) -> subproces
     """Run the `fedchain` command line in a subprocess, importing the packages found under `cwd`."""
     env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
     env.pop("FEDCHAIN_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "fednode.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fednode", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -53,7 +53,7 @@ def test_committed_artifacts_are_fresh():
 def repo_copy(tmp_path) -> Path:
     """The contracts, artifacts and Python packages copied to a temporary root (node_modules linked)."""
     ignore = shutil.ignore_patterns("__pycache__")
-    for name in ("contracts", "chain", "fednode"):
+    for name in ("contracts", "chain", "devstack", "fednode"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=ignore)
     (tmp_path / "node_modules").symlink_to(REPO / "node_modules")
     return tmp_path

@@ -4,7 +4,7 @@ import random
 import pytest
 from aleph_cid import CidHasher
 
-from fednode.cid import (
+from fednode.storage.cid import (
     CHUNK_SIZE,
     MAX_LINKS,
     CIDError,

@@ -225,7 +225,7 @@ def revoke_stranger(fed):
     return lambda: fed.admin.revoke(stranger), [stranger, "status None"]
 
 
-@case("NotAggregator")
+@case("NotCoordinator")
 def node_opens_round(fed):
     [node] = fed.approved_nodes(1)
     return lambda: node.open_round(fed.digest("a"), fed.digest("b"), fed.digest("c"), node.chain_time() + HOUR, 1), \
@@ -240,7 +240,7 @@ def admin_finalizes(fed):
     return lambda: finalize(fed, round_id, b"\0", client=fed.admin), [fed.admin.address]
 
 
-@case("NotAggregator")
+@case("NotCoordinator")
 def node_cancels_round(fed):
     [node] = fed.approved_nodes(1)
     round_id = fed.open_round()

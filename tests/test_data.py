@@ -12,7 +12,7 @@ with warnings.catch_warnings():  # the library uses deprecated importlib.resourc
     warnings.simplefilter("ignore", DeprecationWarning)
     import simple_icd_10_cm as icd
 
-from fednode.data import (
+from fednode.learning.data import (
     MAX_REVIEW_CHARS,
     MIN_ITEMS_PER_CLIENT,
     DataConfig,
@@ -21,8 +21,8 @@ from fednode.data import (
     corpus_texts,
     describe_clients,
     load_examples,
-    multiple_choice_items,
 )
+from research.multiple_choice import multiple_choice_items
 
 SMALL = dict(train_per_client=64, eval_per_client=16)
 ALL_SETUPS = [(s, p) for s in ("icd10", "drugs", "mixed") for p in ("natural", "dirichlet")]
@@ -56,7 +56,8 @@ def test_same_seed_same_clients_and_different_seed_differs():
 
 
 _DIGEST = (
-    "import hashlib; from fednode.data import *; cfg = DataConfig(source='drugs', partition='dirichlet', alpha=0.5); "
+    "import hashlib; from fednode.learning.data import *; from research.multiple_choice import multiple_choice_items; "
+    "cfg = DataConfig(source='drugs', partition='dirichlet', alpha=0.5); "
     "cs = build_clients(cfg); blob = repr([(c.train, c.eval) for c in cs]) + repr(corpus_texts(cfg, 500)) "
     "+ repr([multiple_choice_items(c) for c in cs]); print(hashlib.sha256(blob.encode()).hexdigest())"
 )

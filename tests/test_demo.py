@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from fednode.data import DataConfig, corpus_texts
-from fednode.model import load_base_model
+from fednode.learning.data import DataConfig, corpus_texts
+from fednode.learning.models import load_base_model
 from fednode.storage import EmbeddedStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_runs_and_the_global_adapter_beats_the_base_model(tmp_path, model_cache):
     out = tmp_path / "demo"
     env = {**os.environ, "FEDCHAIN_CACHE": str(model_cache), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fednode.cli", "demo", "--rounds", "2", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "fednode", "demo", "--rounds", "2", "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round 2" in proc.stdout and "Traceback" not in proc.stderr
@@ -49,7 +49,7 @@ def test_demo_runs_and_the_global_adapter_beats_the_base_model(tmp_path, model_c
 
 
 def test_demo_rejects_bad_arguments_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fednode.cli", "demo", "--clients", "0", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "fednode", "demo", "--clients", "0", "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "clients" in proc.stderr

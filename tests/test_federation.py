@@ -8,22 +8,18 @@ import sys
 
 import pytest
 import torch
-from chain.clients import Federation
-from chain.connection import connect
-from chain.deployment import deploy
-from chain.wallet import dev_account, fund
 
-from fednode.adapter import pack_adapter, unpack_adapter
-from fednode.aggregate import FedAvg, WeightedUpdate
-from fednode.aggregator import Aggregator
-from fednode.data import DataConfig, build_clients
-from fednode.demo import node_account
-from fednode.node import Node
-from fednode.publish import adapter_metadata, publish_bytes
-from fednode.rules import FederationRules
+from fednode.learning.adapters import LoraTrainer
+from fednode.learning.data import DataConfig, build_clients
+from fednode.learning.settings import LoraSettings, TrainSettings
+from fednode.ops.embedded import EmbeddedFederation
+from fednode.protocol.packaging import adapter_metadata, pack_adapter, unpack_adapter
+from fednode.protocol.publish import publish_bytes
+from fednode.protocol.rules import FederationRules
+from fednode.protocol.verify import Reason
 from fednode.storage import EmbeddedStore
-from fednode.training import LoraSettings, LoraTrainer, TrainSettings
-from fednode.verify import Reason
+from fednode.strategies.base import WeightedUpdate
+from fednode.strategies.fedavg import FedAvg
 
 LORA = LoraSettings()
 TRAIN = TrainSettings(steps=4, batch_size=4)
@@ -38,33 +34,22 @@ class World:
     """An embedded federation with honest hospitals and room for attackers."""
 
     def __init__(self, tmp_path, icd_base, trainer, n_honest=3, n_attackers=0, max_bytes=1 << 20):
-        self.w3 = connect("embedded")
-        self.admin, agg = dev_account(self.w3, 0), dev_account(self.w3, 9)
-        self.deployment = deploy(self.w3, self.admin, agg.address)
-        self.fid = f"{self.deployment.chain_id}:{self.deployment.address('Federation').lower()}"
         self.store = EmbeddedStore(tmp_path / "store")
         self.rules = FederationRules(base_model=icd_base.digest, lora=LORA.to_json(), max_adapter_bytes=max_bytes)
-        self.admin_fed = Federation(self.w3, self.deployment, self.admin)
         self.log: list[str] = []
-        self.aggregator = Aggregator(Federation(self.w3, self.deployment, agg), self.store, self.rules, self.fid,
-                                     log=self.log.append)
         clients = build_clients(DataConfig(num_clients=n_honest + n_attackers, train_per_client=16,
                                            eval_per_client=8))
-        self.nodes = []
-        for i, client in enumerate(clients):
-            account = node_account(100 + i)
-            fund(self.w3, self.admin, account.address, 10**19)
-            node = Node(Federation(self.w3, self.deployment, account), self.store, trainer, client, self.rules,
-                        TRAIN, self.fid)
-            node.join()
-            self.admin_fed.approve(node.address)
-            self.nodes.append(node)
+        self.fed = EmbeddedFederation.create([trainer] * len(clients), clients, self.rules, TRAIN, self.store,
+                                             first_account=100, log=self.log.append)
+        self.w3, self.deployment, self.fid = self.fed.w3, self.fed.deployment, self.fed.federation_id
+        self.admin_fed, self.aggregator, self.nodes = self.fed.admin, self.fed.aggregator, self.fed.nodes
         self.honest, self.attackers = self.nodes[:n_honest], self.nodes[n_honest:]
         self.initial = trainer.initial_state(0)
-        _, self.cid_digest, self.sha = self.aggregator.publish_global(0, self.initial)
+        self.fed.start(self.initial)
+        self.cid_digest, self.sha = self.fed.base
 
     def open(self, min_updates=1):
-        return self.aggregator.open_round(self.cid_digest, self.sha, 3600, min_updates)
+        return self.fed.open(min_updates)
 
 
 def test_honest_round_merges_every_update_and_restart_does_not_resubmit(tmp_path, icd_base, trainer):
@@ -83,7 +68,7 @@ def test_honest_round_merges_every_update_and_restart_does_not_resubmit(tmp_path
     assert (info.accepted, info.submissions) == (3, 3)
     # the next round starts from the finalized adapter, which every node can fetch and verify
     history = world.aggregator.ledger.refresh()
-    assert history.rounds[rec.round_id].finalized["cidDigest"] == result.cid_digest
+    assert history.rounds[rec.round_id].finalized.cid_digest == result.cid_digest
 
 
 def _honest_bytes(world, node, rec, round_id=None, base_model=None, state=None):
@@ -120,7 +105,7 @@ def test_every_rejection_path_is_named_and_the_round_still_finalizes(tmp_path, i
             # the right bytes under a CID computed with other add settings (a dag-pb node over the same bytes)
             sha = hashlib.sha256(data).digest()
             cid_digest = hashlib.sha256(b"other chunking" + data).digest()
-            from fednode.cid import cid_from_digest
+            from fednode.storage.cid import cid_from_digest
             path = world.store.path_of(cid_from_digest(cid_digest, "dag-pb"))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
@@ -176,8 +161,8 @@ def test_every_rejection_path_is_named_and_the_round_still_finalizes(tmp_path, i
         assert got[node.address] == expected[node.address], attack
     assert len(result.accepted) == 3
     finalized = world.aggregator.ledger.refresh().rounds[rec.round_id].finalized
-    assert list(finalized["verdicts"]) == [int(v.reason) for v in result.verdicts]
-    assert finalized["accepted"] == 3
+    assert list(finalized.verdicts) == [int(v.reason) for v in result.verdicts]
+    assert finalized.accepted == 3
     rejected_lines = [line for line in world.log if "REJECTED" in line]
     assert len(rejected_lines) == len(attacks)
     assert all("\n" not in line for line in rejected_lines)
@@ -195,8 +180,9 @@ def test_aggregation_is_bit_identical_in_another_process(tmp_path):
         (tmp_path / f"u{u.index}.safetensors").write_bytes(pack_adapter(u.state, {}))
     code = f"""
 import hashlib, pathlib
-from fednode.adapter import pack_adapter, unpack_adapter
-from fednode.aggregate import FedAvg, WeightedUpdate
+from fednode.protocol.packaging import pack_adapter, unpack_adapter
+from fednode.strategies.base import WeightedUpdate
+from fednode.strategies.fedavg import FedAvg
 d = pathlib.Path({str(tmp_path)!r})
 load = lambda p: unpack_adapter(p.read_bytes(), 1 << 30)[0]
 ups = [WeightedUpdate(i, n, load(d / f"u{{i}}.safetensors")) for i, n in enumerate([17, 256, 3])]

@@ -3,11 +3,11 @@ import os
 import random
 
 import pytest
-
-from fednode import ipfs_daemon
 from support import free_port, require
-from fednode.cid import cid_of
+
+from devstack import ipfs as ipfs_daemon
 from fednode.storage import IpfsHttpStore, StorageError
+from fednode.storage.cid import cid_of
 
 KIB = 1024
 SIZES = [0, KIB, 300 * KIB, 5 * KIB * KIB]  # empty raw leaf, one raw leaf, 2-leaf and 20-leaf dag-pb files

@@ -9,11 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from fednode.aggregate import AggregateError, FedAvg, LoraExact, WeightedUpdate, strategy_for
-from fednode.lora_math import (LoraError, aggregation_error, lora_modules, products, refactor, refactor_sum, scale,
-                               truncate, weighted_mean)
-from fednode.rules import FederationRules, RulesError
-from fednode.settings import LoraSettings
+from fednode.learning.lora_math import (
+    LoraError,
+    aggregation_error,
+    lora_modules,
+    products,
+    refactor,
+    refactor_sum,
+    scale,
+    truncate,
+    weighted_mean,
+)
+from fednode.learning.settings import LoraSettings
+from fednode.protocol.rules import FederationRules, RulesError
+from fednode.strategies.base import AggregateError, WeightedUpdate
+from fednode.strategies.fedavg import FedAvg
+from fednode.strategies.lora_exact import LoraExact
 
 SHAPES = {"base_model.model.model.layers.0.self_attn.q_proj": (12, 10),   # (out, in)
           "base_model.model.model.layers.0.self_attn.v_proj": (6, 10)}
@@ -218,16 +229,16 @@ def test_equivalence_within_the_declared_tolerance_compares_products():
 
 def test_strategy_for_passes_the_rules_adapter_config():
     rules = FederationRules(base_model="00" * 32, lora=config(4), aggregation="lora_exact")
-    strategy = strategy_for(rules)
+    strategy = rules.strategy()
     assert isinstance(strategy, LoraExact) and strategy.adapter_config == rules.lora and strategy.residual is None
-    assert strategy_for(FederationRules(base_model="00" * 32, lora=config(4))).adapter_config == rules.lora
+    assert FederationRules(base_model="00" * 32, lora=config(4)).strategy().adapter_config == rules.lora
     assert WeightedUpdate(0, 1, {}).adapter_config is None
     for params, needle in (({"adapter_config": config(2)}, "has no parameter 'adapter_config'"),
                            ({"tolerance": 0}, "tolerance must be > 0"),
                            ({"rank": 2}, "no parameter 'rank'; known: tolerance")):
         with pytest.raises(RulesError, match=needle):
-            strategy_for(FederationRules(base_model="00" * 32, lora=config(4), aggregation="lora_exact",
-                                         params=params))
+            FederationRules(base_model="00" * 32, lora=config(4), aggregation="lora_exact",
+                                         params=params).strategy()
     with pytest.raises(RulesError, match="lora_exact needs the global adapter config"):
         LoraExact()
 

@@ -7,25 +7,24 @@ from dataclasses import replace
 
 import pytest
 import torch
-from chain.connection import connect
 from support import free_port, require
 
-from fednode import ipfs_daemon
-from fednode.adapter import pack_adapter, unpack_adapter
-from fednode.aggregate import WeightedUpdate, strategy_for
+from chain.connection import connect
+from devstack import ipfs as ipfs_daemon
 from fednode.audit import Status, run_audit
-from fednode.config import ConfigError, load_config
-from fednode.data import DataConfig, build_clients
-from fednode.demo import embedded_federation, method_trainers
-from fednode.methods import METHODS, MethodError, method
-from fednode.node import Node
-from fednode.private import PrivateAdapters
-from fednode.publish import adapter_metadata
-from fednode.rules import FederationRules, RulesError
-from fednode.settings import LoraSettings, PromptSettings, TrainSettings
+from fednode.learning.adapters import make_trainer
+from fednode.learning.data import DataConfig, build_clients
+from fednode.learning.settings import LoraSettings, PromptSettings, TrainSettings
+from fednode.ops.config import ConfigError, load_config
+from fednode.ops.embedded import EmbeddedFederation, method_trainers
+from fednode.protocol.methods import METHODS, MethodError, method
+from fednode.protocol.node import Node
+from fednode.protocol.packaging import adapter_metadata, pack_adapter, unpack_adapter
+from fednode.protocol.private_adapters import PrivateAdapters
+from fednode.protocol.rules import FederationRules, RulesError
+from fednode.protocol.verify import Reason, update_norm
 from fednode.storage import EmbeddedStore, IpfsHttpStore
-from fednode.timing import Stopwatch
-from fednode.verify import Reason
+from fednode.strategies.base import WeightedUpdate
 
 LORA = LoraSettings()
 PROMPT = PromptSettings(num_virtual_tokens=4)
@@ -46,21 +45,19 @@ class Run:
         self.global_trainer, trainers = method_trainers(base, self.method, LORA, PROMPT, len(clients))
         self.rules = self.method.rules(base.digest, LORA, PROMPT, rounds=ROUNDS, max_adapter_bytes=1 << 20)
         self.store = store
-        self.fed = embedded_federation(trainers, clients, self.rules, TRAIN, store, Stopwatch(), w3)
+        self.fed = EmbeddedFederation.create(trainers, clients, self.rules, TRAIN, store, w3=w3)
         if private_dir is not None:
             for node in self.fed.nodes:
                 node.private = PrivateAdapters(private_dir, self.fed.federation_id, node.address)
         self.initial = self.global_trainer.initial_state(0)
-        _, self.cid_digest, self.sha = self.fed.aggregator.publish_global(0, self.initial)
+        self.fed.start(self.initial)
         self.results, self.updates = [], []
 
     def round(self, nodes=None):
-        rec = self.fed.aggregator.open_round(self.cid_digest, self.sha, 3600, min_updates=1)
-        self.updates.append([n.participate(rec) for n in nodes or self.fed.nodes])
-        result = self.fed.aggregator.finalize(rec)
-        self.cid_digest, self.sha = result.cid_digest, result.file_sha256
-        self.results.append(result)
-        return rec, result
+        run = self.fed.run_round(nodes)
+        self.updates.append(run.updates)
+        self.results.append(run.result)
+        return run.record, run.result
 
     def stored(self, update) -> tuple[dict, dict]:
         return unpack_adapter(self.store.get(update.cid), 1 << 20)
@@ -98,8 +95,11 @@ def check_method(run: Run) -> None:
     if m.privacy:
         eps = [u.metrics["privacy"]["epsilon"] for u in run.updates[-1]]
         assert all(e > 0 for e in eps) and len(set(eps)) == 1
-    if m.client.get("proximal_mu"):
-        assert all(u.metrics["train_loss"] > 0 for u in first)
+    if m.client.get("proximal_mu"):  # the proximal pull reached training: each update is shorter than with mu = 0
+        plain = make_trainer(run.global_trainer.base, "lora", LORA.to_json())
+        for node, verdict in zip(run.fed.nodes, run.results[0].verdicts, strict=True):
+            state, _ = plain.train(node.client.train, replace(TRAIN, seed=TRAIN.seed + 1), run.initial, progress=False)
+            assert verdict.update_norm < 0.95 * update_norm(state, run.initial)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -129,7 +129,7 @@ def test_method_runs_on_the_local_stack_and_audits(name, stack, icd_base, client
 
 def _round_with(run: Run, forge) -> dict[str, Reason]:
     """A round where the first node submits honestly and the others submit what `forge(node, rec)` gives."""
-    rec = run.fed.aggregator.open_round(run.cid_digest, run.sha, 3600, min_updates=1)
+    rec = run.fed.open()
     honest, *others = run.fed.nodes
     honest.participate(rec)
     for node in others:
@@ -137,7 +137,7 @@ def _round_with(run: Run, forge) -> dict[str, Reason]:
         meta = adapter_metadata(run.fed.federation_id, rec.round_id, node.address, run.rules.base_model, config,
                                 "update")
         node.publish_and_submit(rec.round_id, pack_adapter(state, meta), 16, {})
-    result = run.fed.aggregator.finalize(rec)
+    result = run.fed.finalize(rec)
     return {v.submission.node: v.reason for v in result.verdicts}
 
 
@@ -201,17 +201,17 @@ def test_lora_exact_audit_accepts_rounding_within_the_declared_tolerance_only(tm
     run = Run("lora_exact", icd_base, clients, EmbeddedStore(tmp_path / "store"))
     agg = run.fed.aggregator
     for scale in (2e-7, 1e-3):  # float32 rounding-sized vs a real change
-        rec = agg.open_round(run.cid_digest, run.sha, 3600, min_updates=1)
+        rec = run.fed.open()
         for node in run.fed.nodes:
             node.participate(rec)
         start, verdicts = agg.verify(rec)  # the aggregator merges honestly, then publishes a perturbed merge
-        merged = strategy_for(run.rules).aggregate_train(start, [
+        merged = run.rules.strategy().aggregate_train(start, [
             WeightedUpdate(v.submission.index, v.submission.num_samples, v.state, v.adapter_config)
             for v in verdicts])
         bumped = {k: t * (1 + scale) for k, t in merged.items()}
         _, cid_digest, sha = agg.publish_global(rec.round_id, bumped)
         agg.fed.finalize(rec.round_id, cid_digest, sha, bytes(len(verdicts)))
-        run.cid_digest, run.sha = cid_digest, sha
+        run.fed.base = (cid_digest, sha)
     report = run_audit(run.fed.w3, run.fed.deployment, run.store, verify=True)
     small, large = report.rounds
     assert small.status == Status.VERIFIED and any("declared tolerance" in n for n in small.notes), small
@@ -248,8 +248,7 @@ def test_private_adapter_survives_a_restart_and_is_never_published(tmp_path, icd
     run.round()
     node = run.fed.nodes[0]
     saved = node.private.latest_before(2)
-    restarted = Node(node.fed, node.store, node.trainer, node.client, node.rules, TRAIN, node.federation_id,
-                     private_dir=private)
+    restarted = Node(node.fed, node.store, node.trainer, node.client, node.rules, TRAIN, private_dir=private)
     again = restarted.personal_state(2)
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert any(not torch.equal(again[k], node.trainer.initial_local_state(0)[k]) for k in again if "lora_B" in k)

@@ -8,11 +8,10 @@ from typing import NamedTuple
 import pytest
 import torch
 from peft import PeftModel
-
 from support import CORPUS, PAIRS, TEMPLATES
 
-from fednode.adapter import export_peft
-from fednode.model import (
+from fednode.learning.adapters import LoraTrainer
+from fednode.learning.models import (
     ModelError,
     TinySpec,
     build_tiny,
@@ -21,8 +20,9 @@ from fednode.model import (
     model_identity,
     weights_digest,
 )
-from fednode.settings import LoraSettings, SettingsError, TrainSettings
-from fednode.training import LoraTrainer, TrainingError
+from fednode.learning.settings import LoraSettings, SettingsError, TrainSettings
+from fednode.learning.training import TrainingError
+from fednode.ops.export import export_peft
 
 # known sentence shapes, unseen condition/drug combinations
 HELD_OUT = [TEMPLATES[i % 3].format(cond=c, drug=PAIRS[(i + 5) % len(PAIRS)][1]) for i, (c, _) in enumerate(PAIRS)]

@@ -9,25 +9,29 @@ from dataclasses import replace
 
 import pytest
 import torch
-from chain.clients import Federation
-from chain.connection import connect
-from chain.deployment import deploy
-from chain.wallet import dev_account, fund
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, RdpAccountant
 from eth_account import Account
 
-from fednode.adapter import pack_adapter
-from fednode.aggregator import Aggregator
-from fednode.cid import cid_from_digest
-from fednode.data import DataConfig, build_clients
-from fednode.node import Node
-from fednode.privacy import (DPSettings, PrivacyError, clip_and_noise, clip_update, dp_event, epsilon, privatize,
-                             seed_commitment, wallet_noise_seed)
-from fednode.publish import adapter_metadata
-from fednode.rules import FederationRules, RulesError
+from fednode.learning.adapters import LoraTrainer
+from fednode.learning.data import DataConfig, build_clients
+from fednode.learning.privacy import (
+    DPSettings,
+    PrivacyError,
+    clip_and_noise,
+    clip_update,
+    dp_event,
+    epsilon,
+    privatize,
+    seed_commitment,
+    wallet_noise_seed,
+)
+from fednode.learning.settings import LoraSettings, TrainSettings
+from fednode.ops.embedded import EmbeddedFederation
+from fednode.protocol.packaging import adapter_metadata, pack_adapter
+from fednode.protocol.rules import FederationRules, RulesError
+from fednode.protocol.verify import Reason, update_norm
 from fednode.storage import EmbeddedStore
-from fednode.training import LoraSettings, LoraTrainer, TrainSettings
-from fednode.verify import Reason, update_norm
+from fednode.storage.cid import cid_from_digest
 
 DP = DPSettings(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
 SEED = hashlib.sha256(b"test seed").digest()
@@ -252,24 +256,15 @@ TRAIN = TrainSettings(steps=4, batch_size=4)
 def test_a_private_round_is_accepted_and_each_hospital_can_prove_its_noise(tmp_path, icd_base):
     dp = DPSettings(clip_norm=0.2, noise_multiplier=0.5, delta=1e-6)
     trainer = LoraTrainer(icd_base, LORA)
-    w3 = connect("embedded")
-    admin, agg_account = dev_account(w3, 0), dev_account(w3, 9)
-    deployment = deploy(w3, admin, agg_account.address)
-    fid = f"{deployment.chain_id}:{deployment.address('Federation').lower()}"
     store = EmbeddedStore(tmp_path / "store")
     rules = FederationRules(base_model=icd_base.digest, lora=LORA.to_json(), privacy=dp.to_json())
-    aggregator = Aggregator(Federation(w3, deployment, agg_account), store, rules, fid, log=lambda _: None)
-    admin_fed, nodes = Federation(w3, deployment, admin), []
-    for i, client in enumerate(build_clients(DataConfig(num_clients=3, train_per_client=16, eval_per_client=8))):
-        account = Account.from_key(hashlib.sha256(f"fedchain privacy test node {i}".encode()).digest())
-        fund(w3, admin, account.address, 10**19)
-        node = Node(Federation(w3, deployment, account), store, trainer, client, rules, TRAIN, fid)
-        node.join()
-        admin_fed.approve(node.address)
-        nodes.append((node, account))
+    clients = build_clients(DataConfig(num_clients=3, train_per_client=16, eval_per_client=8))
+    fed = EmbeddedFederation.create([trainer] * 3, clients, rules, TRAIN, store)
+    fid, aggregator = fed.federation_id, fed.aggregator
+    nodes = [(node, node.fed.sender.account) for node in fed.nodes]
     initial = trainer.initial_state(0)
-    _, cid_digest, sha = aggregator.publish_global(0, initial)
-    rec = aggregator.open_round(cid_digest, sha, 3600, 3)
+    fed.start(initial)
+    rec = fed.open(min_updates=3)
 
     submitted = [node.participate(rec) for node, _ in nodes]
     result = aggregator.finalize(rec)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from fednode.smollm2 import (
+from fednode.learning.smollm2 import (
     CACHE_PREFIX,
     DIGEST_FILE,
     SmolLM2Error,

@@ -12,20 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
+from support import free_port
 from web3 import Web3
 
 from chain.clients import Federation
 from chain.connection import connect
 from chain.deployment import Deployment
-from fednode.data import DataConfig, corpus_texts
-from fednode.ledger import Ledger
-from fednode.model import load_base_model
-from fednode.publish import locate
+from fednode.learning.data import DataConfig, corpus_texts
+from fednode.learning.models import load_base_model
+from fednode.protocol.ledger import Ledger
+from fednode.protocol.publish import locate
 from fednode.storage import IpfsHttpStore
-from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-FEDCHAIN = [sys.executable, "-m", "fednode.cli"]
+FEDCHAIN = [sys.executable, "-m", "fednode"]
 PASSWORD = "correct horse battery staple"
 # the default data config but for fewer training examples: same corpus, so the session's cached tiny base is reused
 DATA = dict(source="icd10", partition="natural", num_clients=3, train_per_client=32, eval_per_client=64, seed=0)
@@ -157,7 +157,7 @@ def test_three_node_processes_two_rounds_with_a_node_killed_mid_round(stack):
         for sub in rnd.submissions:
             per_node.setdefault((rnd.round_id, sub.node), 0)
             per_node[(rnd.round_id, sub.node)] += 1
-        assert list(rnd.finalized["verdicts"]) == [0, 0, 0]
+        assert list(rnd.finalized.verdicts) == [0, 0, 0]
     assert sorted(set(n for _, n in per_node)) == sorted(Web3.to_checksum_address(addresses[f"node{i}"])
                                                           for i in range(3))
     assert set(per_node.values()) == {1}, "an update was submitted twice"
@@ -170,12 +170,12 @@ def test_three_node_processes_two_rounds_with_a_node_killed_mid_round(stack):
     for rnd in history.rounds.values():
         digests.append((rnd.base_cid_digest, rnd.base_sha256))
         digests += [(s.cid_digest, s.file_sha256) for s in rnd.submissions]
-        digests.append((rnd.finalized["cidDigest"], rnd.finalized["fileSha256"]))
+        digests.append((rnd.finalized.cid_digest, rnd.finalized.file_sha256))
     for cid_digest, sha in digests:
         data = store.get(locate(store, cid_digest, sha))
         assert hashlib.sha256(data).digest() == sha
     # round 2 starts from round 1's result
-    assert history.rounds[2].base_cid_digest == history.rounds[1].finalized["cidDigest"]
+    assert history.rounds[2].base_cid_digest == history.rounds[1].finalized.cid_digest
     for name in ("node0", "node2"):
         assert "federation complete" in (work / f"{name}.log").read_text()
     # an outside auditor re-derives the whole history, bit for bit, from anvil and the IPFS node alone

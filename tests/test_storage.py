@@ -2,10 +2,10 @@ import os
 import socket
 
 import pytest
-
-from fednode.cid import CHUNK_SIZE, cid_of
-from fednode.storage import EmbeddedStore, IpfsHttpStore, StorageError, open_storage
 from support import free_port
+
+from fednode.storage import EmbeddedStore, IpfsHttpStore, StorageError, open_storage
+from fednode.storage.cid import CHUNK_SIZE, cid_of
 
 DATA = b"adapter bytes " * 1000
 BIG = bytes(range(256)) * (3 * CHUNK_SIZE // 256 + 1)  # a multi-chunk (dag-pb) file

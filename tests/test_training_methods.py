@@ -7,8 +7,14 @@ import torch
 import torch.nn.functional as F
 from test_model_training import QA
 
-from fednode.settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
-from fednode.training import LoraTrainer, PromptTrainer, TrainingError, make_trainer
+from fednode.learning.adapters import LoraTrainer, PromptTrainer, make_trainer
+from fednode.learning.settings import (
+    ClientObjective,
+    LoraSettings,
+    PromptSettings,
+    TrainSettings,
+)
+from fednode.learning.training import TrainingError
 
 LORA = LoraSettings()
 SHORT = TrainSettings(steps=20, batch_size=8)

@@ -1,0 +1,184 @@
+"""`fedchain audit`, first layer: rebuild a federation's whole history from its chain events alone (participants,
+rounds, submissions, verdicts, gas), check the contract's stored commitments and counters against the events,
+each round's lineage and its privacy accounting; then, given storage and `verify`, hand every finalized round to
+`fednode.audit.reverify`."""
+from __future__ import annotations
+
+import json
+
+from web3 import Web3
+
+from chain.clients import Federation, RoundState
+from chain.commitments import result_commitment, submission_commitment
+from chain.deployment import Deployment
+
+from ..protocol.ledger import History, RoundRecord
+from ..protocol.publish import named_cid
+from ..protocol.rules import FederationRules
+from ..protocol.verify import Reason
+from ..storage import Storage
+from ..storage.cid import cid_from_digest
+from ..timing import Stopwatch
+from .report import FAILED, AuditReport, ParticipantAudit, ResultAudit, RoundAudit, Status, SubmissionAudit
+from .reverify import reverify_round
+from .sources import Sources
+
+
+class AuditError(ValueError):
+    """The audit cannot run as asked (e.g. --verify without storage)."""
+
+
+def reason_name(code: int) -> str:
+    return Reason(code).name if code in Reason._value2member_map_ else f"UNKNOWN({code})"
+
+
+class Reconstruction:
+    """The history read back from the chain, with the gas of every transaction in it."""
+
+    def __init__(self, w3: Web3, deployment: Deployment, sources: Sources, watch: Stopwatch, page: int):
+        self.w3 = w3
+        self.fed = Federation(w3, deployment)
+        self.sources = sources
+        self.watch = watch
+        self.page = page
+        self.history = History()
+        self.gas: dict[str, int] = {}
+
+    def read_chain(self) -> int:
+        with self.watch("events"):
+            head = self.w3.eth.block_number
+            for event in self.fed.events(to_block=head, page=self.page):
+                self.history.apply(event)
+            for tx in dict.fromkeys(e.tx_hash for e in self.history.events):
+                self.gas[tx] = self.w3.eth.get_transaction_receipt(tx)["gasUsed"]
+        return head
+
+    def participants(self) -> list[ParticipantAudit]:
+        gas: dict[str, dict[str, int]] = {}
+        for e in self.history.events:
+            if e.name in ("Joined", "Approved", "Revoked"):
+                gas.setdefault(e.args["node"], {})[e.name.lower()] = self.gas[e.tx_hash]
+        out = []
+        for p in self.history.participants.values():
+            card = self.sources.document(p.metadata_digest)
+            hospital = card.get("hospital") if card and isinstance(card.get("hospital"), str) else None
+            out.append(ParticipantAudit(p.address, hospital, "0x" + p.model_id.hex(),
+                                        cid_from_digest(p.metadata_digest, "raw"), p.joined_block, p.approved_block,
+                                        p.revoked_block, p.revoke_reason, gas.get(p.address, {}), card))
+        return out
+
+    def round(self, rec: RoundRecord, previous: RoundRecord | None, hospitals: dict[str, str | None]) -> RoundAudit:
+        """The round as its events and the contract record it: submissions, result, lineage, rules, privacy."""
+        f = rec.finalized
+        ra = RoundAudit(rec.round_id, rec.state.name, rec.opener, rec.opened_block, rec.opened_tx,
+                        self.gas[rec.opened_tx], rec.deadline, rec.min_updates, rec.allow_below_quorum,
+                        named_cid(rec.base_cid_digest, rec.base_sha256), rec.base_sha256.hex(), rec.rules_digest.hex(),
+                        cancelled_block=rec.cancelled_block)
+        for sub in rec.submissions:
+            ra.submissions.append(SubmissionAudit(
+                sub.index, sub.node, hospitals.get(sub.node), named_cid(sub.cid_digest, sub.file_sha256),
+                sub.file_sha256.hex(), sub.num_samples, cid_from_digest(sub.metrics_digest, "raw"), sub.block_number,
+                sub.tx_hash, self.gas[sub.tx_hash],
+                verdict=reason_name(f.verdicts[sub.index]) if f and sub.index < len(f.verdicts) else None,
+                metrics=self.sources.document(sub.metrics_digest)))
+        if f is not None:
+            verdicts = list(f.verdicts)
+            ra.result = ResultAudit(f.aggregator, f.block_number, f.tx_hash, self.gas[f.tx_hash],
+                                    named_cid(f.cid_digest, f.file_sha256), f.file_sha256.hex(), f.accepted,
+                                    verdicts, [i for i, v in enumerate(verdicts) if v == 0])
+        if previous is not None and previous.next_base != (rec.base_cid_digest, rec.base_sha256):
+            ra.notes.append(f"starts from {ra.base_cid}, not from round {previous.round_id}'s "
+                            f"{'global' if previous.finalized else 'start'} adapter {named_cid(*previous.next_base)}")
+        return ra
+
+    def check_commitments(self, rec: RoundRecord, ra: RoundAudit) -> None:
+        """The contract's stored commitments and counters against the ones recomputed from the events."""
+        with self.watch("events"):
+            info = self.fed.round(rec.round_id)
+            stored = {s.node: self.fed.submission_commitment(rec.round_id, s.node) for s in rec.submissions}
+            result = self.fed.result_commitment(rec.round_id) if rec.finalized else None
+        if info.state != rec.state or info.submissions != len(rec.submissions):
+            ra.find(Status.MISMATCH, f"contract state {info.state.name}/{info.submissions} submissions differs from "
+                                     f"the events ({rec.state.name}/{len(rec.submissions)})")
+        for position, sub in enumerate(rec.submissions):
+            if sub.index != position:
+                ra.find(Status.MISMATCH, f"update from {sub.node} has index {sub.index}, expected {position}")
+            if stored[sub.node] != submission_commitment(sub.index, sub.cid_digest, sub.file_sha256, sub.num_samples,
+                                                         sub.metrics_digest):
+                ra.find(Status.MISMATCH, f"submissionOf for update #{sub.index} from {sub.node} differs from its "
+                                         "UpdateSubmitted event")
+        f = rec.finalized
+        if f is None:
+            return
+        zeros = f.verdicts.count(0)
+        if len(f.verdicts) != len(rec.submissions) or f.accepted != zeros or info.accepted != zeros:
+            ra.find(Status.MISMATCH, f"{len(f.verdicts)} verdicts with {zeros} merged, but {len(rec.submissions)} "
+                                     f"submissions and accepted = {f.accepted}")
+        if result != result_commitment(f.cid_digest, f.file_sha256, f.verdicts):
+            ra.find(Status.MISMATCH, "resultOf differs from the RoundFinalized event")
+
+
+def check_privacy(rules: FederationRules, ra: RoundAudit) -> None:
+    """Recompute the epsilon every update of a DP round carries (the accountant over rounds 1..this one at the
+    rules' delta) and note any published metrics that claim another."""
+    dp = rules.dp
+    if dp is None:
+        return
+    from ..learning.privacy import epsilon
+
+    eps = epsilon(dp, ra.round_id)
+    ra.privacy = {"epsilon": eps, "delta": dp.delta, "noise_multiplier": dp.noise_multiplier,
+                  "clip_norm": dp.clip_norm, "accountant": "rdp", "rounds": ra.round_id}
+    for s in ra.submissions:
+        claimed = (s.metrics or {}).get("privacy", {}).get("epsilon")
+        if claimed is None or abs(claimed - eps) > 1e-9 * max(1.0, eps):
+            ra.notes.append(f"update #{s.index} metrics claim epsilon {claimed}; the rules give {eps:.4g} after "
+                            f"{ra.round_id} rounds at delta {dp.delta:g}")
+
+
+def _status(ra: RoundAudit, verify: bool) -> Status:
+    found = {f.status for f in ra.findings}
+    for status in FAILED:
+        if status in found:
+            return status
+    if ra.state == RoundState.OPEN.name:
+        return Status.OPEN
+    if ra.state == RoundState.CANCELLED.name:
+        return Status.CANCELLED
+    return Status.VERIFIED if verify else Status.CONSISTENT
+
+
+def run_audit(w3: Web3, deployment: Deployment, store: Storage | None = None, verify: bool = False,
+              page: int = 2000) -> AuditReport:
+    """Rebuild the federation's history from its events (read `page` blocks at a time) and check it; with
+    `verify`, re-run verification and aggregation of every finalized round from `store`."""
+    if verify and store is None:
+        raise AuditError("verification needs the federation's storage: pass --ipfs ADDR or --store DIR")
+    if page < 1:
+        raise AuditError(f"page must be at least 1 block, got {page}")
+    watch = Stopwatch()
+    sources = Sources(store, watch)
+    chain = Reconstruction(w3, deployment, sources, watch, page)
+    head = chain.read_chain()
+    participants = chain.participants()
+    hospitals = {p.address: p.hospital for p in participants}
+    records = [chain.history.rounds[r] for r in sorted(chain.history.rounds)]
+    rounds = []
+    for i, rec in enumerate(records):
+        ra = chain.round(rec, records[i - 1] if i else None, hospitals)
+        finalized = rec.finalized is not None
+        if store is not None:
+            rules = sources.rules(rec.rules_digest)
+            if isinstance(rules, FederationRules):
+                ra.rules = json.loads(rules.to_bytes())
+                check_privacy(rules, ra)
+            elif not (verify and finalized):  # a finalized round's verification reports it as a finding
+                ra.notes.append(rules)
+        chain.check_commitments(rec, ra)
+        if verify and finalized and len(rec.finalized.verdicts) == len(rec.submissions):
+            reverify_round(rec, ra, sources, chain.history, deployment.federation_id)
+        ra.status = _status(ra, verify)
+        rounds.append(ra)
+    return AuditReport(deployment.federation_id, deployment.chain_id, deployment.address("Federation"),
+                       deployment.start_block, head, len(chain.history.events), sources.label, verify,
+                       participants, rounds, watch.as_dict())

@@ -1,0 +1,349 @@
+"""The `fedchain` console command."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..protocol.methods import METHODS
+
+
+def signer_from_args(w3, args):
+    """The account given by --keystore (password from FEDCHAIN_PASSWORD or a prompt) or --dev-account N."""
+    from chain.wallet import dev_account, keystore_password, load_keystore
+
+    if getattr(args, "keystore", None):
+        if not Path(args.keystore).is_file():
+            raise ValueError(f"keystore {args.keystore} not found")
+        return load_keystore(Path(args.keystore), keystore_password(args.keystore))
+    return dev_account(w3, args.dev_account)
+
+
+def cmd_chain_compile(args) -> int:
+    from chain import compiler
+
+    if args.check:
+        problems = compiler.check(recompile=not args.no_recompile)
+        for problem in problems:
+            print(f"stale: {problem}", file=sys.stderr)
+        if problems:
+            return 1
+        print("artifacts are up to date")
+        return 0
+    used, written = compiler.compile_contracts()
+    print(f"compiled with solc {compiler.SOLC_VERSION} ({used.kind})")
+    for path in written:
+        print(f"  wrote {path.relative_to(compiler.project_root())}")
+    return 0
+
+
+def cmd_chain_deploy(args) -> int:
+    from chain.connection import connect
+    from chain.deployment import deploy
+
+    w3 = connect(args.rpc)
+    deployment = deploy(w3, signer_from_args(w3, args), args.aggregator)
+    for name, c in deployment.contracts.items():
+        print(f"{name}: {c.address}  (tx {c.tx_hash[:12]}…, block {c.block_number}, gas {c.gas_used:,})")
+    print(f"chain id {deployment.chain_id}, deployer {deployment.deployer}, aggregator {deployment.aggregator}")
+    if args.out:
+        deployment.save(Path(args.out))
+        print(f"deployment record written to {args.out}")
+    else:
+        print(json.dumps({n: c.address for n, c in deployment.contracts.items()}))
+    return 0
+
+
+def cmd_chain_events(args) -> int:
+    from chain.clients import Federation
+    from chain.connection import connect
+    from chain.deployment import Deployment
+
+    w3 = connect(args.rpc)
+    deployment = Deployment.load(Path(args.deployment))
+    deployment.check_chain(w3)
+    for event in Federation(w3, deployment).events(page=args.page):
+        fields = ", ".join(f"{k}={'0x' + v.hex() if isinstance(v, bytes) else v}" for k, v in event.args.items())
+        print(f"block {event.block_number:>6}  {event.name:<16} {fields}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..learning.settings import TrainSettings
+    from .demo import DemoConfig, run_demo
+
+    if args.clients < 1 or args.rounds < 1:
+        raise ValueError("--clients and --rounds must be at least 1")
+    cfg = DemoConfig(model=args.model, clients=args.clients, rounds=args.rounds, partition=args.partition,
+                     source=args.source, alpha=args.alpha, seed=args.seed, out=Path(args.out),
+                     train=TrainSettings(steps=args.steps, seed=args.seed), method=args.method)
+    run_demo(cfg)
+    return 0
+
+
+def cmd_stack(args) -> int:
+    from devstack import stack
+
+    if args.stack_command == "up":
+        result = stack.up(Path(args.dir), args.anvil_port, args.ipfs_port)
+        print(f"stack up in {result.startup_seconds['total']:.1f} s: rpc = \"{result.rpc}\", "
+              f"ipfs = \"{result.ipfs_api}\"")
+    elif args.stack_command == "down":
+        stack.down(Path(args.dir))
+    else:
+        health = stack.status(Path(args.dir))
+        for name, ok in health.items():
+            print(f"{name:<6} {'up' if ok else 'down'}")
+        return 0 if all(health.values()) else 1
+    return 0
+
+
+def cmd_wallet_new(args) -> int:
+    from chain.wallet import keystore_password, new_keystore
+
+    account = new_keystore(Path(args.out), keystore_password(args.out))
+    print(f"{account.address}  (keystore {args.out})")
+    return 0
+
+
+def cmd_wallet_fund(args) -> int:
+    from chain.connection import connect
+    from chain.wallet import dev_account, fund
+
+    w3 = connect(args.rpc)
+    fund(w3, dev_account(w3, args.dev_account), args.to, int(args.ether * 10**18))
+    print(f"sent {args.ether} ETH to {args.to}; balance {w3.eth.get_balance(args.to) / 10**18:g} ETH")
+    return 0
+
+
+def _participant(args):
+    from .config import load_config
+    from .participant import Participant
+
+    return Participant(load_config(args.config))
+
+
+def cmd_node_join(args) -> int:
+    from ..protocol.node import Node
+
+    p = _participant(args)
+    node = Node(p.federation, p.store, None, p.client, p.rules, p.config.train,
+                adapter_config=p.config.adapter_config)
+    receipt = node.join({"description": args.description} if args.description else None)
+    print(f"{node.address} joined as {p.client.name}: model identity 0x{node.model_id.hex()} "
+          f"(tx {receipt.tx_hash}, gas {receipt.gas_used:,}); waiting for an admin to approve it")
+    return 0
+
+
+def cmd_admin(args) -> int:
+    p = _participant(args)
+    fed = p.federation
+    if args.admin_command == "approve":
+        receipt = fed.approve(args.address)
+    elif args.admin_command == "revoke":
+        receipt = fed.revoke(args.address, args.reason)
+    else:
+        from ..protocol.ledger import Ledger
+
+        for record in Ledger(fed).refresh().participants.values():
+            state = fed.participant(record.address).status.name.lower()
+            print(f"{record.address}  {state:<8} joined at block {record.joined_block}  "
+                  f"model 0x{record.model_id.hex()[:16]}…")
+        return 0
+    print(f"{args.admin_command}d {args.address} (tx {receipt.tx_hash}, gas {receipt.gas_used:,})")
+    return 0
+
+
+def cmd_round_open(args) -> int:
+    from ..protocol.aggregator import Aggregator
+
+    p = _participant(args)
+    f = p.config.federation
+    agg = Aggregator(p.federation, p.store, p.rules)
+    latest = agg.ledger.refresh().latest_round()
+    if latest is None:
+        _, cid_digest, sha = agg.publish_global(0, p.global_trainer.initial_state(f.seed))
+    else:
+        cid_digest, sha = latest.next_base
+    rec = agg.open_round(cid_digest, sha, f.round_seconds, f.min_updates, f.allow_below_quorum)
+    print(f"round {rec.round_id} opened (deadline {rec.deadline}, tx {rec.opened_tx})")
+    return 0
+
+
+def _run_service(args, service) -> int:
+    import signal
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    service(_participant(args))
+    return 0
+
+
+def cmd_node_run(args) -> int:
+    from .service import run_node
+
+    return _run_service(args, run_node)
+
+
+def cmd_aggregator_run(args) -> int:
+    from .service import run_aggregator
+
+    return _run_service(args, run_aggregator)
+
+
+def cmd_audit(args) -> int:
+    from chain.connection import EMBEDDED, connect
+    from chain.deployment import Deployment
+
+    from ..audit import run_audit, save_report
+    from ..storage import open_storage
+
+    if args.rpc == EMBEDDED:
+        raise ValueError("--rpc embedded would audit a fresh, empty chain: give the JSON-RPC URL of the federation's "
+                         "chain (`fedchain demo` audits its own embedded chain)")
+    if args.store and not Path(args.store).is_dir():
+        raise ValueError(f"store directory {args.store} not found")
+    w3 = connect(args.rpc)
+    deployment = Deployment.load(Path(args.deployment))
+    deployment.check_chain(w3)
+    store = open_storage(args.ipfs) if args.ipfs else open_storage(f"embedded:{args.store}") if args.store else None
+    report = run_audit(w3, deployment, store, verify=args.verify, page=args.page)
+    save_report(report, args.json, args.html)
+    for path in (args.json, args.html):
+        if path:
+            print(f"wrote {path}")
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedchain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chain = sub.add_parser("chain", help="compile, deploy and inspect the contracts").add_subparsers(
+        dest="chain_command", required=True)
+    p = chain.add_parser("compile", help="compile contracts/ into chain/artifacts")
+    p.add_argument("--check", action="store_true", help="fail if the committed artifacts are stale")
+    p.add_argument("--no-recompile", action="store_true", help="with --check: compare source digests only")
+    p.set_defaults(func=cmd_chain_compile)
+
+    p = chain.add_parser("deploy", help="deploy the Federation contract")
+    p.add_argument("--rpc", default="embedded", help="'embedded' (in-process chain) or a JSON-RPC URL")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--keystore", help="geth v3 keystore of the deployer (password: $FEDCHAIN_PASSWORD or prompt)")
+    who.add_argument("--dev-account", type=int, default=0, help="index of a local dev chain's funded account")
+    p.add_argument("--aggregator", help="address granted the aggregator role (default: the deployer)")
+    p.add_argument("--out", help="write the deployment record (JSON) here")
+    p.set_defaults(func=cmd_chain_deploy)
+
+    p = chain.add_parser("events", help="list the federation's events in chain order")
+    p.add_argument("--rpc", required=True)
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--page", type=int, default=2000, help="blocks per get_logs request")
+    p.set_defaults(func=cmd_chain_events)
+
+    p = sub.add_parser("demo", help="a whole federation on the embedded chain and store, in one process")
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
+    p.add_argument("--clients", type=int, default=3, help="number of hospitals")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--partition", default="natural", choices=["natural", "dirichlet"])
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (with --partition dirichlet)")
+    p.add_argument("--source", default="icd10", choices=["icd10", "drugs", "mixed"])
+    p.add_argument("--steps", type=int, default=30, help="local training steps per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="fedavg", choices=list(METHODS),
+                   help="federated method: aggregation rule, client objective, privacy, adapter type "
+                        "(see fednode/protocol/methods.py)")
+    p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
+    p.set_defaults(func=cmd_demo)
+
+    stack = sub.add_parser("stack", help="a local anvil + IPFS node on 127.0.0.1").add_subparsers(
+        dest="stack_command", required=True)
+    for name, text in (("up", "start both, health-checked"), ("down", "stop both by pid"),
+                       ("status", "health of both")):
+        p = stack.add_parser(name, help=text)
+        p.add_argument("--dir", default=".stack", help="state, logs and pid files")
+        if name == "up":
+            p.add_argument("--anvil-port", type=int, default=8545)
+            p.add_argument("--ipfs-port", type=int, default=5001)
+        p.set_defaults(func=cmd_stack)
+
+    wallet = sub.add_parser("wallet", help="keystores and local funding").add_subparsers(
+        dest="wallet_command", required=True)
+    p = wallet.add_parser("new", help="write an encrypted geth-style keystore")
+    p.add_argument("--out", required=True, help="keystore file to create")
+    p.set_defaults(func=cmd_wallet_new)
+    p = wallet.add_parser("fund", help="send ETH from a dev account (local chains only)")
+    p.add_argument("--rpc", required=True)
+    p.add_argument("--to", required=True)
+    p.add_argument("--ether", type=float, default=10.0)
+    p.add_argument("--dev-account", type=int, default=0)
+    p.set_defaults(func=cmd_wallet_fund)
+
+    node = sub.add_parser("node", help="a hospital node").add_subparsers(dest="node_command", required=True)
+    p = node.add_parser("join", help="register this node's wallet and model identity")
+    p.add_argument("--config", required=True)
+    p.add_argument("--description", help="free text for the model card")
+    p.set_defaults(func=cmd_node_join)
+    p = node.add_parser("run", help="follow the rounds: train, publish and submit an update to each")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_node_run)
+
+    admin = sub.add_parser("admin", help="approve, revoke and list participants").add_subparsers(
+        dest="admin_command", required=True)
+    for name in ("approve", "revoke", "participants"):
+        p = admin.add_parser(name)
+        p.add_argument("--config", required=True)
+        if name != "participants":
+            p.add_argument("address")
+        if name == "revoke":
+            p.add_argument("--reason", type=int, default=1, help="reason code recorded on-chain")
+        p.set_defaults(func=cmd_admin)
+
+    rnd = sub.add_parser("round", help="open a round by hand").add_subparsers(dest="round_command", required=True)
+    p = rnd.add_parser("open", help="open the next round from the latest global adapter")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_round_open)
+
+    agg = sub.add_parser("aggregator", help="the aggregator").add_subparsers(dest="agg_command", required=True)
+    p = agg.add_parser("run", help="verify, merge, finalize and open rounds until the federation ends")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_aggregator_run)
+
+    p = sub.add_parser("audit", help="rebuild and re-check the federation's whole history from the chain and storage")
+    p.add_argument("--rpc", required=True, help="JSON-RPC URL of the federation's chain")
+    p.add_argument("--deployment", required=True, help="deployment record (JSON)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ipfs", help="IPFS HTTP API address, e.g. http://127.0.0.1:5001")
+    where.add_argument("--store", help="embedded store directory (e.g. out/demo/store)")
+    p.add_argument("--verify", action="store_true",
+                   help="fetch every update and global adapter, re-run verification and aggregation, compare the "
+                        "results bit for bit")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--html", help="write a self-contained HTML report here")
+    p.add_argument("--page", type=int, default=2000, help="blocks per get_logs request")
+    p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fedchain: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        if os.environ.get("FEDCHAIN_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"fedchain: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

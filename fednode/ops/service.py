@@ -1,0 +1,110 @@
+"""The long-running processes: `fedchain node run` and `fedchain aggregator run`. Both keep no state of their own
+beyond the chain and storage, so a restarted process picks up where the chain says the federation is."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from chain.clients import RoundState
+
+from ..protocol.aggregator import Aggregator, AggregatorError
+from ..protocol.ledger import Ledger, RoundRecord
+from ..protocol.node import Node
+from ..timing import Stopwatch
+from .participant import Participant
+
+
+class ServiceError(RuntimeError):
+    """The federation's on-chain state forbids going on (e.g. rules for another base model)."""
+
+
+def _log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log) -> dict:
+    """Follow the federation: submit one update to every open round, until the rules' last round is finalized."""
+    fed = p.federation
+    status = fed.participant(fed.address).status.name
+    log(f"node {fed.address} ({p.client.name}, {len(p.client.train)} train / {len(p.client.eval)} eval examples),"
+        f" registry status {status}")
+    watch = Stopwatch()
+    node = Node(fed, p.store, p.trainer, p.client, p.rules, p.config.train, watch,
+                p.config.resolve(p.config.model.private_dir))
+    ledger = Ledger(fed)
+    evaluations = {}
+    while not stop():
+        rec = ledger.refresh().latest_round()
+        if rec is None:
+            time.sleep(p.config.federation.poll_seconds)
+            continue
+        rules = _check_rules(p, node, rec)
+        if rec.state == RoundState.OPEN and not node.has_submitted(rec.round_id):
+            if fed.chain_time() > rec.deadline:
+                log(f"round {rec.round_id} closed at its deadline before this node could submit; waiting")
+            else:
+                log(f"round {rec.round_id}: training on {len(p.client.train)} examples")
+                sub = node.participate(rec)
+                if sub is not None:
+                    log(f"round {rec.round_id}: submitted {sub.cid} (train loss {sub.metrics['train_loss']:.4f}, "
+                        f"tx {sub.receipt.tx_hash}, gas {sub.receipt.gas_used:,})")
+                continue
+        if rec.state == RoundState.FINALIZED and rec.round_id >= rules.rounds:
+            state = node.global_state_from(*rec.next_base)
+            evaluations = node.evaluate(rec.finalized.cid_digest, state)
+            log(f"federation complete after round {rec.round_id}: final global adapter eval loss "
+                f"{evaluations['loss']:.4f} on {p.client.name}'s held-out split")
+            break
+        time.sleep(p.config.federation.poll_seconds)
+    log(f"time: {watch.as_dict()}")
+    return {"final_eval": evaluations, "seconds": watch.as_dict()}
+
+
+def _check_rules(p: Participant, node: Node, rec: RoundRecord):
+    rules = node.round_rules(rec)
+    if rules.base_model != p.rules.base_model or (rules.adapter, rules.lora) != (p.rules.adapter, p.rules.lora):
+        raise ServiceError(f"round {rec.round_id} uses base model {rules.base_model[:16]}… / {rules.adapter} adapter "
+                           f"{rules.lora}; this node has {p.rules.base_model[:16]}… / {p.rules.adapter} adapter "
+                           f"{p.rules.lora}")
+    if rules.objective != p.rules.objective:
+        raise ServiceError(f"round {rec.round_id} asks local training for {rules.client or 'the plain loss'}; this "
+                           f"node is configured for {p.rules.client or 'the plain loss'} ([federation] client)")
+    return rules
+
+
+def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log) -> list[int]:
+    """Open rounds, wait for updates, verify, merge, finalize, and open the next round, until the configured
+    number of rounds is finalized. Returns the finalized round ids."""
+    f = p.config.federation
+    watch = Stopwatch()
+    agg = Aggregator(p.federation, p.store, p.rules, watch, log=log)
+    finalized = []
+    while not stop():
+        rec = agg.ledger.refresh().latest_round()
+        if rec is None:
+            cid, cid_digest, sha = agg.publish_global(0, p.global_trainer.initial_state(f.seed))
+            rec = agg.open_round(cid_digest, sha, f.round_seconds, f.min_updates, f.allow_below_quorum)
+            log(f"round {rec.round_id} opened from the initial adapter {cid} (deadline {rec.deadline})")
+        elif rec.state == RoundState.OPEN:
+            if not agg.ready(rec):
+                time.sleep(f.poll_seconds)
+                continue
+            try:
+                result = agg.finalize(rec)
+                finalized.append(rec.round_id)
+            except AggregatorError as exc:
+                if p.federation.chain_time() <= rec.deadline:
+                    raise
+                log(f"{exc}: cancelling")
+                p.federation.cancel_round(rec.round_id)
+                continue
+            log(f"round {rec.round_id}: global {result.cid}, tx {result.receipt.tx_hash}, "
+                f"gas {result.receipt.gas_used:,}")
+        elif rec.state == RoundState.FINALIZED and rec.round_id >= p.rules.rounds:
+            log(f"federation complete: {rec.round_id} rounds finalized")
+            break
+        else:
+            nxt = agg.open_round(*rec.next_base, f.round_seconds, f.min_updates, f.allow_below_quorum)
+            log(f"round {nxt.round_id} opened (deadline {nxt.deadline})")
+    log(f"time: {watch.as_dict()}")
+    return finalized

@@ -1,0 +1,125 @@
+"""The aggregator: opens rounds, verifies every submitted update, merges the accepted ones with the round's rule,
+publishes the new global adapter and finalizes the round on-chain with a verdict per submission."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chain.clients import Federation
+from chain.transactions import Receipt
+
+from ..storage import Storage
+from ..timing import Stopwatch
+from .ledger import Ledger, RoundRecord
+from .merge import accepted_updates, merge_round
+from .packaging import pack_global
+from .publish import fetch_adapter, fetch_server_state, publish_bytes
+from .rules import FederationRules
+from .verify import RoundContext, Verdict, verify_submission
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round_id: int
+    verdicts: list[Verdict]
+    state: dict
+    cid: str
+    cid_digest: bytes
+    file_sha256: bytes
+    receipt: Receipt
+
+    @property
+    def accepted(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.accepted]
+
+
+class AggregatorError(RuntimeError):
+    """A round cannot be finalized (no accepted update, or the start adapter is unusable)."""
+
+
+class Aggregator:
+    def __init__(self, fed: Federation, store: Storage, rules: FederationRules, stopwatch: Stopwatch | None = None,
+                 log=print):
+        self.fed = fed
+        self.store = store
+        self.rules = rules
+        self.federation_id = fed.deployment.federation_id
+        self.ledger = Ledger(fed)
+        self.stopwatch = stopwatch or Stopwatch()
+        self.log = log
+        self._rules_published = False
+
+    def publish_global(self, round_id: int, state: dict, server_state: dict | None = None
+                       ) -> tuple[str, bytes, bytes]:
+        """Package and publish a global adapter (round 0 = the initial one): (cid, CID digest, sha256)."""
+        return self.publish_packed(*pack_global(self.federation_id, round_id, self.fed.address, self.rules, state,
+                                                server_state))
+
+    def publish_packed(self, data: bytes, server_state_data: bytes | None = None) -> tuple[str, bytes, bytes]:
+        """Publish a packaged global adapter, after the server state file it records."""
+        with self.stopwatch("storage"):
+            if server_state_data is not None:
+                publish_bytes(self.store, server_state_data)
+            return publish_bytes(self.store, data)
+
+    def open_round(self, base_cid_digest: bytes, base_sha256: bytes, duration_s: int, min_updates: int,
+                   allow_below_quorum: bool = True) -> RoundRecord:
+        if not self._rules_published:
+            with self.stopwatch("storage"):
+                publish_bytes(self.store, self.rules.to_bytes())
+            self._rules_published = True
+        with self.stopwatch("chain"):
+            deadline = self.fed.chain_time() + duration_s
+            round_id, _ = self.fed.open_round(base_cid_digest, base_sha256, self.rules.digest(), deadline,
+                                              min_updates, allow_below_quorum)
+            return self.ledger.refresh().rounds[round_id]
+
+    def ready(self, rec: RoundRecord) -> bool:
+        """Every active participant has submitted, or the deadline has passed."""
+        with self.stopwatch("chain"):
+            history = self.ledger.refresh()
+            rec = history.rounds[rec.round_id]
+            head = self.fed.w3.eth.block_number
+            active = {a for a, p in history.participants.items() if p.active_at(head)}
+            submitted = {s.node for s in rec.submissions}
+            return active <= submitted or self.fed.chain_time() > rec.deadline
+
+    def start_adapter(self, rec: RoundRecord) -> tuple[dict, dict[str, str]]:
+        """The round's start adapter (the last finalized global one) and its metadata."""
+        with self.stopwatch("verification"):
+            return fetch_adapter(self.store, rec.base_cid_digest, rec.base_sha256, self.rules.max_adapter_bytes,
+                                 self.rules.base_model)
+
+    def verify(self, rec: RoundRecord, start: dict | None = None) -> tuple[dict, list[Verdict]]:
+        """The round's start adapter and a verdict for every submission, in submission order."""
+        with self.stopwatch("chain"):
+            history = self.ledger.refresh()
+            rec = history.rounds[rec.round_id]
+            as_of = self.fed.w3.eth.block_number
+        if start is None:
+            start, _ = self.start_adapter(rec)
+        with self.stopwatch("verification"):
+            ctx = RoundContext(self.federation_id, rec.round_id, self.rules, start, history.participants, as_of)
+            verdicts = [verify_submission(s, self.store, ctx) for s in sorted(rec.submissions, key=lambda s: s.index)]
+        for v in verdicts:
+            status = "accepted" if v.accepted else f"REJECTED {v.reason.name}"
+            self.log(f"round {rec.round_id} update #{v.submission.index} from {v.submission.node}: {status} "
+                     f"({v.detail})")
+        return start, verdicts
+
+    def finalize(self, rec: RoundRecord) -> RoundResult:
+        start, start_meta = self.start_adapter(rec)
+        _, verdicts = self.verify(rec, start)
+        accepted = accepted_updates(verdicts)
+        if not accepted:
+            raise AggregatorError(f"round {rec.round_id}: no update passed verification; cancel it after its "
+                                  "deadline")
+        with self.stopwatch("storage"):
+            previous = fetch_server_state(self.store, start_meta, self.rules)
+        with self.stopwatch("aggregation"):
+            merged = merge_round(self.rules, start, previous, accepted, self.federation_id, rec.round_id,
+                                 self.fed.address)
+        cid, cid_digest, sha = self.publish_packed(merged.data, merged.server_state_data)
+        with self.stopwatch("chain"):
+            receipt = self.fed.finalize(rec.round_id, cid_digest, sha, bytes(int(v.reason) for v in verdicts))
+        self.log(f"round {rec.round_id} finalized: {len(accepted)}/{len(verdicts)} updates merged, global {cid}")
+        return RoundResult(rec.round_id, verdicts, merged.state, cid, cid_digest, sha, receipt)

@@ -1,0 +1,40 @@
+"""The merge step: a round's accepted updates, its start adapter and the previous server state turned into the
+bytes of the new global adapter. The aggregator publishes what `merge_round` returns and the audit recomputes a
+round by calling it again, so "anyone can recompute the aggregate" means literally the same code."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..strategies.base import WeightedUpdate
+from .packaging import pack_global
+from .rules import FederationRules
+from .verify import Verdict
+
+if TYPE_CHECKING:
+    from ..strategies.base import State, Strategy
+
+
+@dataclass(frozen=True)
+class MergedRound:
+    state: State                      # the new global adapter's tensors
+    data: bytes                       # its canonical file (what the round is finalized with)
+    server_state_data: bytes | None   # the server optimizer state file its metadata names (stateful rules)
+    strategy: Strategy
+
+
+def accepted_updates(verdicts: Iterable[Verdict]) -> list[WeightedUpdate]:
+    """The accepted verdicts as the updates a rule merges, with their declared adapter configs."""
+    return [WeightedUpdate(v.submission.index, v.submission.num_samples, v.state, v.adapter_config)
+            for v in verdicts if v.accepted]
+
+
+def merge_round(rules: FederationRules, start: State, server_state: State | None, updates: Sequence[WeightedUpdate],
+                federation_id: str, round_id: int, aggregator: str) -> MergedRound:
+    """Merge `updates` with the round's rule from `start` (and the previous round's `server_state`), and package
+    the result as the global adapter `aggregator` finalizes round `round_id` of `federation_id` with."""
+    strategy = rules.strategy(server_state)
+    merged = strategy.aggregate_train(start, list(updates))
+    data, state_data = pack_global(federation_id, round_id, aggregator, rules, merged, strategy.server_state)
+    return MergedRound(merged, data, state_data, strategy)

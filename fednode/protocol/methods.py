@@ -1,0 +1,74 @@
+"""Named federated methods: each is a set of federation rules (aggregation rule, client objective, privacy,
+adapter type) plus the adapter config of every hospital. The demo, the quality benchmark and the tests build
+their federations from these, so a method's name means the same rules everywhere."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..learning.settings import LoraSettings, PromptSettings
+from .rules import FederationRules
+
+
+class MethodError(ValueError):
+    """An unknown method name."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    aggregation: str = "fedavg"
+    params: dict = field(default_factory=dict)
+    client: dict = field(default_factory=dict)
+    privacy: dict = field(default_factory=dict)
+    adapter: str = "lora"
+    client_ranks: tuple[int, ...] = ()  # hospital i trains LoRA rank client_ranks[i % len]; () = the global rank
+
+    def global_config(self, lora: LoraSettings, prompt: PromptSettings) -> dict:
+        return (lora if self.adapter == "lora" else prompt).to_json()
+
+    def client_config(self, index: int, lora: LoraSettings, prompt: PromptSettings) -> dict:
+        """Hospital `index`'s own adapter config."""
+        if self.adapter == "lora" and self.client_ranks:
+            return replace(lora, r=min(lora.r, self.client_ranks[index % len(self.client_ranks)])).to_json()
+        return self.global_config(lora, prompt)
+
+    def rules(self, base_digest: str, lora: LoraSettings, prompt: PromptSettings, **overrides) -> FederationRules:
+        return FederationRules(base_model=base_digest, lora=self.global_config(lora, prompt),
+                               aggregation=self.aggregation, params=self.params, client=self.client,
+                               privacy=self.privacy, adapter=self.adapter, **overrides)
+
+
+def _dp(noise_multiplier: float) -> Method:
+    return Method(f"dp-{noise_multiplier:g}", f"FedAvg of client-side DP-LoRA updates (clip 1, sigma "
+                                              f"{noise_multiplier:g})",
+                  privacy={"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": noise_multiplier,
+                           "delta": 1e-5})
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("fedavg", "FedAvg, LoRA A and B averaged separately"),
+    Method("fedprox", "FedAvg with FedProx's proximal term (mu 0.1) in local training",
+           client={"proximal_mu": 0.1}),
+    Method("fedavgm", "server momentum 0.9 (FedAvgM)", aggregation="fedavgm", params={"server_momentum": 0.9}),
+    Method("fedadam", "FedAdam server optimizer (eta 0.01, tau 1e-3)", aggregation="fedadam",
+           params={"eta": 1e-2, "tau": 1e-3}),
+    Method("fedyogi", "FedYogi server optimizer (eta 0.01, tau 1e-3)", aggregation="fedyogi",
+           params={"eta": 1e-2, "tau": 1e-3}),
+    Method("lora_exact", "exact LoRA aggregation: mean of the products B@A, re-factored to rank r by SVD",
+           aggregation="lora_exact"),
+    Method("ffa", "FFA-LoRA: A frozen at the shared init, only B trains (averaging B is exact)",
+           client={"freeze_a": True}),
+    Method("hetero_ranks", "hospitals with LoRA ranks r, r/2, r/4 merged exactly (lora_exact)",
+           aggregation="lora_exact", client_ranks=(8, 4, 2)),
+    Method("personalized", "shared LoRA + private rank-4 LoRA per hospital, orthogonality lambda 1",
+           client={"local_rank": 4, "orthogonal_lambda": 1.0}),
+    Method("prompt", "federated prompt tuning (peft, 8 virtual tokens), FedAvg", adapter="prompt"),
+    _dp(0.01), _dp(0.1), _dp(1.0),
+)}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,172 @@
+"""A hospital node: joins with its wallet, then each round fetches the global adapter, trains on its own data,
+packages, publishes and anchors its update. Patient text never leaves this object."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from chain.clients import Federation, RoundState
+from chain.transactions import Receipt
+
+from ..learning.data import ClientData
+from ..learning.lora_math import truncate
+from ..learning.models import model_identity
+from ..learning.privacy import privatize
+from ..learning.settings import TrainSettings
+from ..learning.training import AdapterTrainer
+from ..storage import Storage
+from ..timing import Stopwatch
+from .ledger import RoundRecord
+from .packaging import adapter_metadata, pack_adapter
+from .private_adapters import PrivateAdapters
+from .publish import fetch_adapter, fetch_rules, publish_bytes, publish_json
+from .rules import FederationRules
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    round_id: int
+    data: bytes
+    num_samples: int
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class SubmittedUpdate:
+    round_id: int
+    cid: str
+    cid_digest: bytes
+    file_sha256: bytes
+    num_samples: int
+    metrics: dict
+    metrics_cid: str
+    receipt: Receipt
+
+
+class Node:
+    def __init__(self, fed: Federation, store: Storage, trainer: AdapterTrainer, client: ClientData,
+                 rules: FederationRules, train: TrainSettings, stopwatch: Stopwatch | None = None,
+                 private_dir: Path | None = None, adapter_config: dict | None = None):
+        """`private_dir` keeps the hospital's private adapter (personalized rules) between rounds and restarts;
+        None keeps it in memory. `adapter_config` is this node's own (default: its trainer's; a node that only
+        joins may have no trainer)."""
+        self.fed = fed
+        self.store = store
+        self.trainer = trainer
+        self.client = client
+        self.rules = rules
+        self.train_settings = train
+        self.federation_id = fed.deployment.federation_id
+        self.stopwatch = stopwatch or Stopwatch()
+        self._evaluations: dict[bytes, dict] = {}
+        self._round_rules: dict[bytes, FederationRules] = {}
+        # this node's own adapter config (its rank may be below the global one under lora_exact)
+        self.adapter_config = adapter_config or trainer.adapter_config
+        self.private = PrivateAdapters(private_dir, self.federation_id, fed.address)
+
+    @property
+    def address(self) -> str:
+        return self.fed.address
+
+    @property
+    def model_id(self) -> bytes:
+        return model_identity(self.rules.base_model, self.adapter_config)
+
+    def join(self, card: dict | None = None) -> Receipt:
+        """Register this node's wallet and model identity; the model card goes to storage, its digest on-chain."""
+        card = {"node": self.address, "hospital": self.client.name, "base_model": self.rules.base_model,
+                "adapter": self.adapter_config, **(card or {})}
+        with self.stopwatch("storage"):
+            _, card_digest = publish_json(self.store, card)
+        with self.stopwatch("chain"):
+            return self.fed.join(self.model_id, card_digest)
+
+    def has_submitted(self, round_id: int) -> bool:
+        with self.stopwatch("chain"):
+            return self.fed.submission_commitment(round_id, self.address) != bytes(32)
+
+    def global_state(self, rec: RoundRecord) -> dict:
+        """The adapter a round starts from, fetched and checked against the on-chain digests."""
+        return self.global_state_from(rec.base_cid_digest, rec.base_sha256)
+
+    def global_state_from(self, cid_digest: bytes, sha256: bytes) -> dict:
+        with self.stopwatch("storage"):
+            state, _ = fetch_adapter(self.store, cid_digest, sha256, self.rules.max_adapter_bytes,
+                                     self.rules.base_model)
+        return state
+
+    def round_rules(self, rec: RoundRecord) -> FederationRules:
+        """The rules document the round committed to on-chain (fetched once per digest)."""
+        if rec.rules_digest not in self._round_rules:
+            with self.stopwatch("storage"):
+                self._round_rules[rec.rules_digest] = fetch_rules(self.store, rec.rules_digest)
+        return self._round_rules[rec.rules_digest]
+
+    def start_state(self, global_state: dict) -> dict:
+        """This node's start adapter from a global one: the global adapter cut to this node's rank."""
+        return truncate(global_state, self.rules.lora, self.adapter_config)
+
+    def evaluate(self, cid_digest: bytes, state: dict) -> dict:
+        """Loss and perplexity of a global adapter (cut to this node's rank) on this hospital's held-out split
+        (cached per adapter)."""
+        if cid_digest not in self._evaluations:
+            with self.stopwatch("evaluation"):
+                self._evaluations[cid_digest] = self.trainer.evaluate(self.client.eval, self.start_state(state))
+        return self._evaluations[cid_digest]
+
+    def personal_state(self, round_id: int) -> dict:
+        """The private adapter this node enters round `round_id` with (its newest from an earlier round, else the
+        initial one, seeded by the node's address)."""
+        saved = self.private.latest_before(round_id)
+        return saved if saved is not None else self.trainer.initial_local_state(int(self.address, 16) % 2**31)
+
+    def train(self, rec: RoundRecord) -> LocalUpdate:
+        """Train from the round's global adapter on local data and package the result canonically; when the
+        round's rules ask for DP, the update is clipped and noised first and its metrics carry the accounting.
+        Under personalized rules the private adapter trains alongside and is kept, never published."""
+        global_state = self.global_state(rec)
+        start, start_eval = self.start_state(global_state), self.evaluate(rec.base_cid_digest, global_state)
+        settings = replace(self.train_settings, seed=self.train_settings.seed + rec.round_id)
+        progress = f"{self.client.name} round {rec.round_id}"
+        personal = {}
+        if self.trainer.objective.personalized:
+            local = self.personal_state(rec.round_id)
+            with self.stopwatch("evaluation"):
+                personal["personal_eval_loss"] = self.trainer.evaluate(self.client.eval, start,
+                                                                       local_state=local)["loss"]
+            with self.stopwatch("training"):
+                state, local, stats = self.trainer.train_personal(self.client.train, settings, start, local,
+                                                                  progress=progress)
+            self.private.save(rec.round_id, local)
+            personal["orthogonality"] = stats["orthogonality"]
+        else:
+            with self.stopwatch("training"):
+                state, stats = self.trainer.train(self.client.train, settings, start, progress=progress)
+        metrics = {"round": rec.round_id, "node": self.address, "hospital": self.client.name,
+                   "train_loss": stats["train_loss"], "steps": stats["steps"], "samples": stats["samples"],
+                   "tokens": stats["tokens"], "global_eval_loss": start_eval["loss"],
+                   "global_eval_perplexity": start_eval["perplexity"], **personal}
+        dp = self.round_rules(rec).dp
+        if dp is not None:
+            with self.stopwatch("privacy"):
+                state, metrics["privacy"] = privatize(state, start, dp, self.fed.sender.account, self.federation_id,
+                                                      rec.round_id)
+        meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
+                                self.adapter_config, "update")
+        return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)
+
+    def publish_and_submit(self, round_id: int, data: bytes, num_samples: int, metrics: dict) -> SubmittedUpdate:
+        """Publish the update's bytes and its metrics, then anchor both digests on-chain."""
+        with self.stopwatch("storage"):
+            cid, cid_digest, sha = publish_bytes(self.store, data)
+            metrics_cid, metrics_digest = publish_json(self.store, metrics)
+        with self.stopwatch("chain"):
+            receipt = self.fed.submit_update(round_id, cid_digest, sha, num_samples, metrics_digest)
+        return SubmittedUpdate(round_id, cid, cid_digest, sha, num_samples, metrics, metrics_cid, receipt)
+
+    def participate(self, rec: RoundRecord) -> SubmittedUpdate | None:
+        """Train, publish and submit for an open round; None if this node already submitted to it (a restart)."""
+        if rec.state != RoundState.OPEN or self.has_submitted(rec.round_id):
+            return None
+        update = self.train(rec)
+        return self.publish_and_submit(rec.round_id, update.data, update.num_samples, update.metrics)

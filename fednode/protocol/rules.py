@@ -1,0 +1,115 @@
+"""A federation's rules: everything an auditor needs to re-run verification and aggregation for a round.
+
+The canonical JSON bytes are published to storage and their sha256 (which is also the digest of their raw CID)
+is committed on-chain when a round opens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from ..canonical import canonical_json
+from ..learning.settings import ADAPTERS, ClientObjective, LoraSettings, PromptSettings, SettingsError
+from ..strategies.base import RulesError
+
+if TYPE_CHECKING:
+    from ..learning.privacy import DPSettings
+    from ..strategies.base import State, Strategy
+
+RULES_VERSION = 1
+__all__ = ["RULES_VERSION", "FederationRules", "RulesError"]
+
+
+@dataclass(frozen=True)
+class FederationRules:
+    base_model: str                       # hex digest of the base model every update must be trained on
+    lora: dict                            # the global adapter's config: LoraSettings (r, alpha, dropout,
+    # target_modules) or, when adapter == "prompt", PromptSettings (num_virtual_tokens)
+    aggregation: str = "fedavg"           # a name in fednode.strategies.registry.STRATEGIES
+    params: dict = field(default_factory=dict)  # the aggregation rule's parameters
+    weighting: str = "num_samples"        # FedAvg weights: "num_samples" or "uniform"
+    max_update_norm: float = 50.0         # L2 bound on (update - global start), per update
+    max_adapter_bytes: int = 64 * 1024 * 1024
+    privacy: dict = field(default_factory=dict)  # {} (off) or fednode.learning.privacy.DPSettings fields, e.g.
+    # {"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+    rounds: int = 1                       # the federation ends after this many finalized rounds
+    adapter: str = "lora"                 # "lora" or "prompt" (peft prompt tuning)
+    client: dict = field(default_factory=dict)  # fednode.learning.settings.ClientObjective fields: what training
+    # adds (FedProx, frozen A, a private orthogonal adapter); {} = plain local training
+    version: int = RULES_VERSION
+
+    def __post_init__(self):
+        if self.weighting not in ("num_samples", "uniform"):
+            raise RulesError(f"weighting must be 'num_samples' or 'uniform', got {self.weighting!r}")
+        if not self.max_update_norm > 0:
+            raise RulesError(f"max_update_norm must be > 0, got {self.max_update_norm}")
+        if self.rounds < 1:
+            raise RulesError(f"rounds must be at least 1, got {self.rounds}")
+        if self.max_adapter_bytes <= 0:
+            raise RulesError(f"max_adapter_bytes must be > 0, got {self.max_adapter_bytes}")
+        try:
+            self.adapter_settings, self.objective
+        except SettingsError as exc:
+            raise RulesError(str(exc)) from None
+        if self.adapter == "prompt" and (self.objective.freeze_a or self.objective.personalized
+                                         or self.aggregation == "lora_exact"):
+            raise RulesError("lora_exact and client freeze_a / local_rank apply to LoRA adapters, not to "
+                             "adapter = 'prompt'")
+        self.strategy()  # an unknown rule or bad parameters are refused here, before any round opens
+        if self.privacy != {}:  # validated only when set: fednode.learning.privacy imports torch
+            from ..learning.privacy import PrivacyError
+
+            try:
+                self.dp
+            except PrivacyError as exc:
+                raise RulesError(f"privacy: {exc}") from None
+
+    @property
+    def adapter_settings(self) -> LoraSettings | PromptSettings:
+        """The global adapter's config as settings (validated)."""
+        if self.adapter not in ADAPTERS:
+            raise SettingsError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        return ADAPTERS[self.adapter].from_json(self.lora)
+
+    @property
+    def objective(self) -> ClientObjective:
+        return ClientObjective.from_json(self.client)
+
+    @property
+    def dp(self) -> DPSettings | None:
+        """The client-side DP each update must get before it is published; None when privacy is off."""
+        from ..learning.privacy import DPSettings
+
+        return DPSettings.from_rules(self.privacy)
+
+    def strategy(self, server_state: State | None = None) -> Strategy:
+        """The aggregation object these rules name, continuing from `server_state` (the previous round's
+        `strategy.server_state`; None in the first round and always for a stateless rule)."""
+        from ..strategies.registry import build  # imports torch: only when a rule is applied
+
+        return build(self.aggregation, self.params, self.weighting, self.lora, server_state)
+
+    def norm_bound(self, num_params: int) -> float:
+        """The L2 bound an update of `num_params` numbers must meet: max_update_norm, raised under client-side DP
+        to what every honest noisy update meets: the clipped delta (<= C) plus Gaussian noise, whose norm is
+        below sigma C (sqrt(d) + t) with probability at least 1 - exp(-t^2 / 2); t = 8."""
+        dp = self.dp if self.privacy != {} else None
+        if dp is None:
+            return self.max_update_norm
+        return max(self.max_update_norm, dp.clip_norm * (1 + dp.noise_multiplier * (math.sqrt(num_params) + 8)))
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(asdict(self))
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.to_bytes()).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "FederationRules":
+        try:
+            return cls(**json.loads(data))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise RulesError(f"not a fedchain rules document: {exc}") from None

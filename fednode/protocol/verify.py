@@ -1,0 +1,174 @@
+"""Verification of one submitted update against the chain record, the stored bytes and the round's rules.
+
+Each rejection has a reason code that goes on-chain in the round's verdicts (0 = merged)."""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..learning.lora_math import truncate
+from ..learning.settings import ADAPTERS, SettingsError
+from ..storage import Storage, StorageError, StorageTooLarge
+from ..storage.cid import cid_digest, cid_of
+from .ledger import ParticipantRecord, Submission
+from .packaging import AdapterError, tensor_norm, unpack_adapter
+from .publish import locate
+from .rules import FederationRules
+
+
+class Reason(enum.IntEnum):
+    ACCEPTED = 0
+    NOT_APPROVED = 1      # sender not an approved participant at the submission's block
+    REVOKED = 2           # sender revoked before the round was aggregated
+    WRONG_ROUND = 3       # the file's metadata names another round (e.g. a replayed old update)
+    WRONG_FEDERATION = 4  # the file's metadata names another federation
+    WRONG_NODE = 5        # the file's metadata names another node (a copied update)
+    WRONG_BASE_MODEL = 6  # trained on another base model
+    UNAVAILABLE = 7       # the bytes cannot be fetched from storage
+    TOO_LARGE = 8         # over the rules' size bound
+    SHA256_MISMATCH = 9   # the bytes' sha256 differs from the on-chain digest
+    CID_MISMATCH = 10     # the bytes' CID differs from the on-chain CID digest
+    NOT_SAFETENSORS = 11  # not a safetensors file (e.g. a pickle), parsed without executing anything
+    BAD_METADATA = 12     # metadata missing or malformed
+    SHAPE_MISMATCH = 13   # keys, shapes or dtypes differ from the global adapter's
+    NON_FINITE = 14       # NaN or infinity in a tensor
+    NORM_TOO_LARGE = 15   # ||update - global|| over the rules' bound
+    FROZEN_CHANGED = 16   # a LoRA A matrix differs from the global's although the rules freeze A (FFA-LoRA)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    submission: Submission
+    reason: Reason
+    detail: str
+    state: dict | None = None  # parsed tensors, only when accepted
+    update_norm: float | None = None
+    adapter_config: dict | None = None  # the adapter config the update declares, only when accepted
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason == Reason.ACCEPTED
+
+
+def update_norm(state: dict, start: dict) -> float:
+    """L2 norm of state - start, accumulated in float64 in sorted key order."""
+    return tensor_norm({key: state[key].to(torch.float64) - start[key].to(torch.float64) for key in start})
+
+
+@dataclass
+class RoundContext:
+    """What a verifier knows about the round: enough to re-run verification from chain + storage alone."""
+    federation_id: str
+    round_id: int
+    rules: FederationRules
+    global_state: dict           # the adapter the round started from
+    participants: dict[str, ParticipantRecord]
+    as_of_block: int             # revocations at or before this block reject (the aggregation/finalize block)
+
+
+def check_participant(sub: Submission, ctx: RoundContext) -> Verdict | None:
+    p = ctx.participants.get(sub.node)
+    if p is None or p.approved_block is None or p.approved_block > sub.block_number \
+            or (p.revoked_block is not None and p.revoked_block <= sub.block_number):
+        return Verdict(sub, Reason.NOT_APPROVED, f"{sub.node} was not an approved participant at block "
+                                                 f"{sub.block_number}")
+    if p.revoked_block is not None and p.revoked_block <= ctx.as_of_block:
+        return Verdict(sub, Reason.REVOKED, f"{sub.node} was revoked at block {p.revoked_block}")
+    return None
+
+
+def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
+    """Every check on the fetched bytes, cheapest first; never executes anything from the file."""
+    def reject(reason: Reason, detail: str) -> Verdict:
+        return Verdict(sub, reason, detail)
+
+    if len(data) > ctx.rules.max_adapter_bytes:
+        return reject(Reason.TOO_LARGE, f"{len(data)} bytes > {ctx.rules.max_adapter_bytes}")
+    sha = hashlib.sha256(data).digest()
+    if sha != sub.file_sha256:
+        return reject(Reason.SHA256_MISMATCH, f"sha256 {sha.hex()[:16]}… != on-chain {sub.file_sha256.hex()[:16]}…")
+    actual_cid = cid_of(data)
+    if cid_digest(actual_cid) != sub.cid_digest:
+        return reject(Reason.CID_MISMATCH, f"CID {actual_cid} does not match the on-chain CID digest")
+    try:
+        state, meta = unpack_adapter(data, ctx.rules.max_adapter_bytes)
+    except AdapterError as exc:
+        reason = {"too_large": Reason.TOO_LARGE, "bad_metadata": Reason.BAD_METADATA}.get(
+            exc.reason, Reason.NOT_SAFETENSORS)
+        return reject(reason, str(exc))
+    expected = {"fedchain.federation": ctx.federation_id, "fedchain.round": str(ctx.round_id),
+                "fedchain.node": sub.node, "fedchain.base_model": ctx.rules.base_model}
+    codes = {"fedchain.federation": Reason.WRONG_FEDERATION, "fedchain.round": Reason.WRONG_ROUND,
+             "fedchain.node": Reason.WRONG_NODE, "fedchain.base_model": Reason.WRONG_BASE_MODEL}
+    for key, want in expected.items():
+        got = meta.get(key)
+        if got is None:
+            return reject(Reason.BAD_METADATA, f"metadata lacks {key}")
+        if got.lower() != want.lower():
+            return reject(codes[key], f"{key} is {got!r}, expected {want!r}")
+    config = declared_config(meta, ctx.rules)
+    if isinstance(config, tuple):
+        return reject(*config)
+    start = truncate(ctx.global_state, ctx.rules.lora, config)
+    if sorted(state) != sorted(start):
+        missing = sorted(set(start) - set(state))[:2]
+        extra = sorted(set(state) - set(start))[:2]
+        return reject(Reason.SHAPE_MISMATCH, f"tensor names differ (missing {missing}, unexpected {extra})")
+    for key in sorted(state):
+        want = start[key]
+        if state[key].shape != want.shape or state[key].dtype != want.dtype:
+            return reject(Reason.SHAPE_MISMATCH, f"{key}: {tuple(state[key].shape)} {state[key].dtype} != "
+                                                 f"{tuple(want.shape)} {want.dtype}")
+        if not bool(torch.isfinite(state[key]).all()):
+            return reject(Reason.NON_FINITE, f"{key} holds NaN or infinity")
+    if ctx.rules.objective.freeze_a:
+        changed = next((k for k in sorted(state) if ".lora_A." in k and not torch.equal(state[k], start[k])), None)
+        if changed is not None:
+            return reject(Reason.FROZEN_CHANGED, f"{changed} differs from the global adapter's (A is frozen)")
+    norm = update_norm(state, start)
+    bound = ctx.rules.norm_bound(sum(t.numel() for t in state.values()))
+    if norm > bound:
+        return reject(Reason.NORM_TOO_LARGE, f"update norm {norm:.3f} > bound {bound:.6g}")
+    return Verdict(sub, Reason.ACCEPTED, f"update norm {norm:.3f}", state, norm, config)
+
+
+def declared_config(meta: dict, rules: FederationRules) -> dict | tuple[Reason, str]:
+    """The adapter config an update's metadata declares, or why it cannot be merged under the rules: it must be
+    the rules' own config, except that lora_exact merges LoRA adapters of any rank up to the global one (and any
+    alpha or dropout) on the same modules."""
+    try:
+        config = json.loads(meta.get("fedchain.peft_config", ""))
+        settings = ADAPTERS[rules.adapter].from_json(config)
+    except (ValueError, SettingsError) as exc:
+        return Reason.BAD_METADATA, f"fedchain.peft_config is not a {rules.adapter} config: {exc}"
+    own = rules.adapter_settings
+    if settings == own or (rules.adapter == "lora" and replace(settings, dropout=own.dropout) == own):
+        return rules.lora
+    if rules.aggregation == "lora_exact" and settings.target_modules == own.target_modules and settings.r <= own.r:
+        return settings.to_json()
+    return Reason.SHAPE_MISMATCH, (f"adapter config {config} differs from the rules' {rules.lora} (only "
+                                   f"lora_exact merges other ranks, up to the global one)")
+
+
+def fetch_submission(sub: Submission, store: Storage, ctx: RoundContext) -> tuple[str, bytes | Verdict]:
+    """The CID a submission names and its stored bytes, or the verdict (TOO_LARGE, UNAVAILABLE) when they cannot
+    be fetched within the rules' size bound."""
+    cid = locate(store, sub.cid_digest, sub.file_sha256)
+    try:
+        return cid, store.get(cid, max_bytes=ctx.rules.max_adapter_bytes)
+    except StorageTooLarge as exc:
+        return cid, Verdict(sub, Reason.TOO_LARGE, str(exc))
+    except StorageError as exc:
+        return cid, Verdict(sub, Reason.UNAVAILABLE, str(exc))
+
+
+def verify_submission(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict:
+    early = check_participant(sub, ctx)
+    if early is not None:
+        return early
+    _, fetched = fetch_submission(sub, store, ctx)
+    return fetched if isinstance(fetched, Verdict) else verify_bytes(sub, fetched, ctx)

@@ -1,0 +1,62 @@
+"""What every aggregation rule is (Flower's shape: one object owns one rule): a `Strategy` with a name, validated
+parameters, `aggregate_train(start, updates)`, the `server_state` it carries between rounds and `equivalent`,
+which says whether a published result equals a recomputation of it. Importable without torch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    State = dict[str, torch.Tensor]
+
+
+class RulesError(ValueError):
+    """Rules that cannot be applied (unknown rule, bad parameter)."""
+
+
+class AggregateError(ValueError):
+    """Updates or server state that cannot be aggregated (none accepted, or a state of other tensors)."""
+
+
+@dataclass(frozen=True)
+class WeightedUpdate:
+    index: int          # on-chain submission index
+    num_samples: int
+    state: State
+    adapter_config: dict | None = None  # the update's own peft config (file metadata); None = the rules' config
+
+
+@dataclass(frozen=True)
+class Param:
+    """A rule parameter: its default and its range, > 0 or (when `fraction`) in [0, 1)."""
+
+    default: float
+    fraction: bool = False
+
+    def check(self, rule: str, name: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RulesError(f"{rule} parameter {name} must be a finite number, got {value!r}")
+        if not (0 <= value < 1 if self.fraction else value > 0):
+            raise RulesError(f"{rule} parameter {name} must be {'in [0, 1)' if self.fraction else '> 0'}, "
+                             f"got {value}")
+        return float(value)
+
+
+class Strategy(Protocol):
+    """One aggregation rule. `tolerance` is 0 for a rule whose result is bit-exact on any machine; otherwise the
+    relative error within which `equivalent` accepts a recomputation."""
+
+    name: ClassVar[str]
+    params_spec: ClassVar[dict[str, Param]]
+    params: dict[str, float]
+    server_state: State | None
+    tolerance: float
+
+    def aggregate_train(self, start: State, updates: list[WeightedUpdate]) -> State:
+        """The new global adapter from the round's start adapter and its accepted updates."""
+
+    def equivalent(self, published: State, recomputed: State) -> tuple[bool, float]:
+        """Whether a published result equals a recomputation of it, and the error measured."""

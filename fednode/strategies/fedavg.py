@@ -1,0 +1,70 @@
+"""FedAvg (McMahan et al.), the base of every rule. Deterministic by construction: updates are taken in on-chain
+submission order and accumulated in float64 with separate multiply and add steps, so the same inputs give
+bit-identical output on any machine."""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from .base import AggregateError, Param, RulesError, WeightedUpdate
+
+State = dict[str, torch.Tensor]
+
+
+class FedAvg:
+    """Weighted average of the accepted updates (McMahan et al.), weights by samples or uniform. Stateless."""
+
+    name = "fedavg"
+    params_spec: ClassVar[dict[str, Param]] = {}
+    tolerance = 0.0  # bit-exact
+
+    def __init__(self, weighting: str = "num_samples", server_state: State | None = None,
+                 adapter_config: dict | None = None, **params: float):
+        unknown = sorted(set(params) - set(self.params_spec))
+        if unknown:
+            known = ", ".join(sorted(self.params_spec)) or "none"
+            raise RulesError(f"{self.name} has no parameter {unknown[0]!r}; known: {known}")
+        self.weighting = weighting
+        self.params = {k: spec.check(self.name, k, params.get(k, spec.default)) for k, spec in self.params_spec.items()}
+        self.server_state = server_state
+        self.adapter_config = adapter_config  # the global adapter's config (the rules' `lora`)
+
+    def weights(self, updates: list[WeightedUpdate]) -> list[float]:
+        raw = [float(u.num_samples) if self.weighting == "num_samples" else 1.0 for u in updates]
+        total = sum(raw)
+        return [w / total for w in raw]
+
+    def _ordered(self, updates: list[WeightedUpdate]) -> tuple[list[WeightedUpdate], list[float]]:
+        if not updates:
+            raise AggregateError("no accepted updates to aggregate")
+        ordered = sorted(updates, key=lambda u: u.index)
+        return ordered, self.weights(ordered)
+
+    @staticmethod
+    def _mean(key: str, shape: torch.Size, ordered: list[WeightedUpdate], weights: list[float]) -> torch.Tensor:
+        """The float64 weighted mean of one tensor, accumulated in submission order."""
+        acc = torch.zeros(shape, dtype=torch.float64)
+        for weight, update in zip(weights, ordered):
+            acc = acc + update.state[key].to(torch.float64) * weight
+        return acc
+
+    def aggregate_train(self, global_state: State, updates: list[WeightedUpdate]) -> State:
+        if self.server_state is not None:
+            raise AggregateError(f"{self.name} keeps no server state, yet was given one")
+        return self.merge(global_state, *self._ordered(updates))
+
+    def merge(self, global_state: State, ordered: list[WeightedUpdate], weights: list[float]) -> State:
+        """The new global adapter from the updates in submission order and their weights."""
+        return {key: self._mean(key, global_state[key].shape, ordered, weights).to(torch.float32)
+                for key in sorted(global_state)}
+
+    def equivalent(self, published: State, recomputed: State) -> tuple[bool, float]:
+        """Bit equality of every tensor, and the largest absolute difference (inf for other names or shapes)."""
+        if published.keys() != recomputed.keys() or any(published[k].shape != recomputed[k].shape
+                                                         for k in recomputed):
+            return False, math.inf
+        error = max((float(torch.max(torch.abs(published[k].double() - recomputed[k].double())))
+                     for k in recomputed if published[k].numel()), default=0.0)
+        return all(torch.equal(published[k], recomputed[k]) for k in recomputed), error
