@@ -138,7 +138,13 @@ class Federation:
         return bytes(self._view(self.contract.functions.resultOf(round_id)))
 
     def chain_time(self) -> int:
+        """The latest block's timestamp (it stands still while an idle chain mines nothing)."""
         return self.w3.eth.get_block("latest")["timestamp"]
+
+    def next_block_time(self) -> int:
+        """The timestamp the next block will get: the pending block's, which anvil and geth keep at the wall clock,
+        so it moves on an idle chain too; never before the latest block's. Deadlines are judged by this clock."""
+        return max(self.w3.eth.get_block("pending")["timestamp"], self.chain_time())
 
     def events(self, from_block: int | None = None, to_block: int | None = None,
                page: int = 2000) -> list[ChainEvent]:

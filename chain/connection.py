@@ -1,7 +1,10 @@
 """Chain backends behind one interface: the in-process eth-tester chain or any JSON-RPC URL."""
 from __future__ import annotations
 
+import requests
 from web3 import Web3
+
+from .outage import DEFAULT_OUTAGE_SECONDS, Outage
 
 EMBEDDED = "embedded"
 ANVIL_CHAIN_ID = 31337
@@ -11,8 +14,27 @@ class ConnectionError_(RuntimeError):
     """The chain cannot be reached."""
 
 
-def connect(rpc: str = EMBEDDED, timeout: float = 30.0) -> Web3:
-    """`embedded` for a fresh in-process chain (eth-tester + py-evm), else an HTTP JSON-RPC URL."""
+class RetryingHTTPProvider(Web3.HTTPProvider):
+    """web3's HTTP provider, riding out an unreachable endpoint (`chain.outage.Outage`). Every request is retried,
+    writes included: a transaction that did reach the node is then refused as known or as a used nonce, which
+    `chain.transactions.TxSender` resolves by its hash."""
+
+    def __init__(self, endpoint: str, timeout: float, outage: Outage | None = None):
+        super().__init__(endpoint, request_kwargs={"timeout": timeout}, exception_retry_configuration=None)
+        self.outage = outage  # None: no retries
+
+    def _make_request(self, method, request_data: bytes) -> bytes:
+        def once() -> bytes:
+            return super(RetryingHTTPProvider, self)._make_request(method, request_data)
+
+        if self.outage is None:
+            return once()
+        return self.outage.call(once, lambda exc: isinstance(exc, (requests.ConnectionError, requests.Timeout)))
+
+
+def connect(rpc: str = EMBEDDED, timeout: float = 30.0, outage_seconds: float = DEFAULT_OUTAGE_SECONDS) -> Web3:
+    """`embedded` for a fresh in-process chain (eth-tester + py-evm), else an HTTP JSON-RPC URL whose outages of up
+    to `outage_seconds` are ridden out (the first contact must succeed)."""
     if rpc == EMBEDDED:
         from eth_tester import EthereumTester, PyEVMBackend
         from web3 import EthereumTesterProvider
@@ -20,11 +42,13 @@ def connect(rpc: str = EMBEDDED, timeout: float = 30.0) -> Web3:
         return Web3(EthereumTesterProvider(EthereumTester(PyEVMBackend())))
     if not rpc.startswith(("http://", "https://")):
         raise ConnectionError_(f"rpc must be 'embedded' or an http(s) JSON-RPC URL, got {rpc!r}")
-    w3 = Web3(Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}))
+    provider = RetryingHTTPProvider(rpc, timeout)
+    w3 = Web3(provider)
     try:
         w3.eth.chain_id
     except Exception as exc:  # requests/aiohttp errors differ by version; all mean "not reachable"
         raise ConnectionError_(f"cannot reach JSON-RPC endpoint {rpc}: {type(exc).__name__}") from None
+    provider.outage = Outage(f"chain RPC {rpc}", budget_s=outage_seconds)
     return w3
 
 

@@ -11,13 +11,14 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import require
+from support import free_port, require
 
 from chain.connection import connect
 from fednode.audit import AuditReport, Status, run_audit
@@ -87,8 +88,8 @@ class World:
         subs = self.agg.ledger.refresh().rounds[rec.round_id].submissions
         states = {s.index: unpack_adapter(self.store.get(locate(self.store, s.cid_digest, s.file_sha256)), 1 << 20)[0]
                   for s in subs}
-        merged = FedAvg(weighting).aggregate_train(start, [WeightedUpdate(i, subs[i].num_samples, states[i])
-                                                           for i in merge])
+        merged = FedAvg(weighting).aggregate_train(start, [
+            WeightedUpdate(i, subs[i].num_samples, states[i], file_sha256=subs[i].file_sha256) for i in merge])
         _, digest, sha = self.agg.publish_global(rec.round_id, merged)
         self.agg.fed.finalize(rec.round_id, digest, sha, bytes(claims))
         self.fed.base = (digest, sha)
@@ -400,3 +401,23 @@ def test_a_node_whose_epsilon_differs_from_the_rules_is_noted(icd_base, trainer,
     assert r.status == Status.VERIFIED and r.privacy["epsilon"] == eps > 0.5
     assert [s.metrics["privacy"]["epsilon"] for s in r.submissions] == [eps] * 3 + [0.5]
     assert r.notes == [f"update #3 metrics claim epsilon 0.5; the rules give {eps:.4g} after 1 rounds at delta 1e-05"]
+
+
+@pytest.mark.anvil
+def test_an_open_last_round_and_unreachable_storage_are_reported_not_aborted(anvil, icd_base, trainer, tmp_path,
+                                                                             capsys):
+    world = World(anvil.url, tmp_path, icd_base, trainer)
+    world.honest_round()
+    world.open_and_submit()  # round 2 stays open
+    common = ["audit", "--rpc", anvil.url, "--deployment", str(tmp_path / "deployment.json"), "--verify"]
+    assert main(common + ["--store", str(tmp_path / "store")]) == 3
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == ("audit: 2 rounds: 1 VERIFIED, 1 OPEN (round 2 is still open: audit again once it is "
+                       "finalized or cancelled)")
+    # no IPFS node answers at this address: one timeout's worth of retries, then every round is UNAVAILABLE
+    started = time.monotonic()
+    assert main(common + ["--ipfs", f"http://127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
+    captured = capsys.readouterr()
+    assert time.monotonic() - started < 30 and "Traceback" not in captured.err
+    assert captured.out.strip().endswith("audit: 2 rounds: 1 UNAVAILABLE, 1 OPEN")
+    assert "connection refused" in captured.out

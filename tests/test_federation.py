@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import subprocess
 import sys
 
@@ -194,3 +195,24 @@ print(hashlib.sha256(pack_adapter(FedAvg().aggregate_train(load(d / "in.safetens
     # and it is a weighted mean: uniform weighting differs
     uniform = FedAvg(weighting="uniform").aggregate_train(start, updates)
     assert not torch.equal(uniform[sorted(start)[0]], merged[sorted(start)[0]])
+
+
+@pytest.mark.parametrize("merge_order", ["sha256", "submission"])
+def test_the_same_updates_in_any_arrival_order_give_one_global_adapter(tmp_path, icd_base, trainer, merge_order):
+    """Three hospitals submit the same updates in each of the six possible orders, each time to a fresh embedded
+    federation (same contract address, wallets and round, so the same update bytes)."""
+    rules = FederationRules(base_model=icd_base.digest, lora=LORA.to_json(), merge_order=merge_order)
+    clients = build_clients(DataConfig(num_clients=3, train_per_client=16, eval_per_client=8))
+    globals_, updates = set(), set()
+    for i, order in enumerate(itertools.permutations(range(3))):
+        fed = EmbeddedFederation.create([trainer] * 3, clients, rules, TRAIN, EmbeddedStore(tmp_path / str(i)))
+        fed.start(trainer.initial_state(0))
+        run = fed.run_round([fed.nodes[j] for j in order])
+        assert [v.submission.node for v in run.result.verdicts] == [fed.nodes[j].address for j in order]
+        updates.add(frozenset(u.file_sha256 for u in run.updates))
+        globals_.add(run.result.file_sha256)
+    assert len(updates) == 1  # the same three update files every time
+    if merge_order == "sha256":
+        assert len(globals_) == 1
+    else:  # summed in arrival order, float64 rounding makes some orders differ in their last bits
+        assert len(globals_) > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from web3 import Web3
 from chain.clients import Federation
 from chain.connection import connect
 from chain.deployment import Deployment
+from devstack import anvil as anvil_daemon
+from devstack import ipfs as ipfs_daemon
 from fednode.learning.data import DataConfig, corpus_texts
 from fednode.learning.models import load_base_model
 from fednode.protocol.ledger import Ledger
@@ -182,3 +185,109 @@ def test_three_node_processes_two_rounds_with_a_node_killed_mid_round(stack):
     audit = run(["audit", "--rpc", rpc, "--deployment", str(work / "deployment.json"), "--ipfs", ipfs, "--verify"],
                 env)
     assert audit.stdout.strip().endswith("audit: 2 rounds VERIFIED")
+
+
+def wait_for(condition, limit: float, what: str, procs=None, logs=None):
+    deadline = time.monotonic() + limit
+    while not condition():
+        for name, proc in (procs or {}).items():
+            assert proc.poll() is None, f"{name} exited:\n" + logs[name].read_text()[-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_a_late_node_an_absent_hospital_and_outages_of_chain_and_ipfs_are_ridden_out(stack):
+    """Round 1 closes before any node runs (it is cancelled, the late nodes wait for round 2); one of four approved
+    hospitals never shows up, so rounds 2 and 3 close below quorum right after their deadlines; IPFS is down for
+    10 s across round 2's deadline and anvil for 10 s while the nodes submit to round 3. Every process rides it
+    out by itself and the federation completes with one submission per node per round, audited VERIFIED."""
+    base, env, record, _ = stack
+    work, state_dir = base / "liveness", base / ".stack"
+    work.mkdir()
+    rpc, ipfs = record["rpc"], record["ipfs_api"]
+    anvil_port, ipfs_port = int(rpc.rsplit(":", 1)[1]), int(ipfs.rsplit(":", 1)[1])
+    addresses = {}
+    for name in ("admin", "aggregator", "node0", "node1", "node2", "node3"):
+        addresses[name] = run(["wallet", "new", "--out", str(work / f"{name}.json")], env).stdout.split()[0]
+        run(["wallet", "fund", "--rpc", rpc, "--to", addresses[name], "--ether", "5"], env)
+    run(["chain", "deploy", "--rpc", rpc, "--keystore", str(work / "admin.json"), "--aggregator",
+         addresses["aggregator"], "--out", str(work / "deployment.json")], env)
+    short = {"outage_seconds": 60.0}
+    admin_cfg = write_config(work / "admin.toml", rpc, ipfs, "admin.json", round_seconds=6)
+    agg_cfg = write_config(work / "aggregator.toml", rpc, ipfs, "aggregator.json", rounds=3, round_seconds=20,
+                           min_updates=4, allow_below_quorum=True)
+    node_cfgs = [write_config(work / f"node{i}.toml", rpc, ipfs, f"node{i}.json", client=min(i, 2)) for i in range(4)]
+    for cfg in (agg_cfg, *node_cfgs):
+        cfg.write_text(cfg.read_text().replace("[storage]", f"[storage]\noutage_seconds = {short['outage_seconds']}")
+                       .replace("[chain]", f"[chain]\noutage_seconds = {short['outage_seconds']}"))
+    for i, cfg in enumerate(node_cfgs):
+        run(["node", "join", "--config", str(cfg)], env)
+        run(["admin", "approve", "--config", str(admin_cfg), addresses[f"node{i}"]], env)
+    w3 = connect(rpc)
+    fed = Federation(w3, Deployment.load(work / "deployment.json"))
+    ledger = Ledger(fed)
+
+    def history():
+        return ledger.refresh()
+
+    run(["round", "open", "--config", str(admin_cfg)], env)  # by hand, 6 s: over before any node runs
+    first = history().rounds[1]
+    wait_for(lambda: fed.next_block_time() > first.deadline, 30, "round 1's deadline")
+
+    logs, procs = {}, {}
+
+    def spawn(name, args):
+        logs[name] = work / f"{name}.log"
+        procs[name] = subprocess.Popen(FEDCHAIN + args, stdout=open(logs[name], "a"), stderr=subprocess.STDOUT,
+                                       env=env, cwd=ROOT)
+
+    for i in range(3):  # node3 never runs: an approved hospital that is absent
+        spawn(f"node{i}", ["node", "run", "--config", str(node_cfgs[i])])
+    wait_for(lambda: all("round 1: closed at its deadline" in logs[f"node{i}"].read_text() for i in range(3)), 120,
+             "the late nodes to pass on round 1", procs, logs)
+    spawn("aggregator", ["aggregator", "run", "--config", str(agg_cfg)])
+    wait_for(lambda: 2 in history().rounds and len(history().rounds[2].submissions) == 3, 120,
+             "three submissions to round 2", procs, logs)
+
+    second = history().rounds[2]  # IPFS goes away just before round 2's deadline, when the aggregator verifies
+    wait_for(lambda: fed.next_block_time() >= second.deadline - 3, 60, "round 2's deadline", procs, logs)
+    ipfs_daemon.stop(state_dir)
+    time.sleep(10)
+    ipfs_daemon.start(state_dir, api_port=ipfs_port)
+    wait_for(lambda: 3 in history().rounds, 120, "round 3 to open", procs, logs)
+
+    time.sleep(0.5)  # anvil goes away while the nodes fetch, train and submit for round 3
+    anvil_daemon.stop(state_dir)
+    time.sleep(10)
+    anvil_daemon.start(state_dir, port=anvil_port, block_time=record["block_time"])
+
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            pytest.fail(f"{name} did not finish:\n" + logs[name].read_text()[-3000:])
+        assert proc.returncode == 0, logs[name].read_text()[-3000:]
+    text = {name: path.read_text() for name, path in logs.items()}
+
+    h = history()
+    assert [r.state.name for r in h.rounds.values()] == ["CANCELLED", "FINALIZED", "FINALIZED"]
+    nodes = [Web3.to_checksum_address(addresses[f"node{i}"]) for i in range(4)]
+    for round_id in (2, 3):
+        rnd = h.rounds[round_id]
+        assert sorted(s.node for s in rnd.submissions) == sorted(nodes[:3])  # once each, never the absent one
+        assert list(rnd.finalized.verdicts) == [0, 0, 0] and rnd.finalized.accepted == 3 < rnd.min_updates
+    closed_after = {r: w3.eth.get_block(h.rounds[r].finalized.block_number)["timestamp"] - h.rounds[r].deadline
+                    for r in (2, 3)}
+    assert 0 < closed_after[3] <= 5, closed_after  # right after the deadline, though one hospital never came
+    assert 0 < closed_after[2] <= 25, closed_after  # after the deadline and the IPFS outage
+    assert "round 1: no update passed verification" in text["aggregator"] and "cancelling" in text["aggregator"]
+    assert re.search(r"IPFS API \S+ unreachable", text["aggregator"])
+    recovered = {name: [float(x) for x in re.findall(r"reachable again after ([\d.]+) s", t)] for name, t in text.items()}
+    assert recovered["aggregator"] and all(any(x >= 9 for x in recovered[f"node{i}"]) for i in range(3)), recovered
+    assert all("chain RPC" in text[f"node{i}"] for i in range(3))
+    print(f"\nrecovery (s): {recovered}; closed after the deadline (s): {closed_after}")
+    audit = run(["audit", "--rpc", rpc, "--deployment", str(work / "deployment.json"), "--ipfs", ipfs, "--verify"],
+                env)
+    assert audit.stdout.strip().endswith("audit: 3 rounds: 1 CANCELLED, 2 VERIFIED")

@@ -125,7 +125,7 @@ OPERATIONS = {
 def test_ipfs_connection_refused_names_the_address(operation):
     address = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError, match=f"IPFS .*at {address}: connection refused$"):
-        operation(IpfsHttpStore(address, timeout_s=5))
+        operation(IpfsHttpStore(address, timeout_s=5, outage_s=0))
 
 
 @pytest.mark.parametrize("operation", [OPERATIONS["get"], OPERATIONS["put"]], ids=["get", "put"])

@@ -120,6 +120,14 @@ class AuditReport:
     def ok(self) -> bool:
         return not any(r.status in FAILED for r in self.rounds)
 
+    @property
+    def exit_code(self) -> int:
+        """0: every round checks out; 1: a MISMATCH or UNAVAILABLE round; 3: no failure, but the last round is
+        still open (the federation is running: audit again once it is finalized or cancelled)."""
+        if not self.ok:
+            return 1
+        return 3 if self.rounds and self.rounds[-1].status == Status.OPEN else 0
+
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for r in self.rounds:
@@ -132,8 +140,12 @@ class AuditReport:
             return "audit: no rounds"
         if len(counts) == 1:
             status, n = next(iter(counts.items()))
-            return f"audit: {n} round{'s' * (n != 1)} {status}"
-        return f"audit: {len(self.rounds)} rounds: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+            text = f"audit: {n} round{'s' * (n != 1)} {status}"
+        else:
+            text = f"audit: {len(self.rounds)} rounds: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+        if self.exit_code == 3:
+            text += f" (round {self.rounds[-1].round_id} is still open: audit again once it is finalized or cancelled)"
+        return text
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -12,6 +12,7 @@ from ..protocol.packaging import unpack_adapter
 from ..protocol.publish import PublishError
 from ..protocol.rules import RulesError
 from ..protocol.verify import Reason, RoundContext, Verdict, check_participant, fetch_submission, verify_bytes
+from ..storage import StorageUnreachable
 from ..storage.cid import cid_digest, cid_of
 from ..strategies.base import AggregateError
 from .explain import explain
@@ -26,7 +27,10 @@ def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) ->
     of a revoked node can be recomputed when explaining a mismatching global adapter."""
     early = check_participant(sub, ctx)
     with sources.watch("fetch"):
-        cid, fetched = fetch_submission(sub, sources.store, ctx)
+        try:
+            cid, fetched = fetch_submission(sub, sources.store, ctx)
+        except StorageUnreachable as exc:
+            cid, fetched = "", Verdict(sub, Reason.UNAVAILABLE, str(exc))
         intact = not isinstance(fetched, Verdict) and cid_of(fetched) == cid
     if isinstance(fetched, Verdict):
         content = fetched

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+from devstack.stack import BLOCK_TIME
 
 from ..protocol.methods import METHODS
 
@@ -87,7 +90,9 @@ def cmd_stack(args) -> int:
     from devstack import stack
 
     if args.stack_command == "up":
-        result = stack.up(Path(args.dir), args.anvil_port, args.ipfs_port)
+        if args.block_time < 0:
+            raise ValueError(f"--block-time must be >= 0 seconds, got {args.block_time:g}")
+        result = stack.up(Path(args.dir), args.anvil_port, args.ipfs_port, args.block_time)
         print(f"stack up in {result.startup_seconds['total']:.1f} s: rpc = \"{result.rpc}\", "
               f"ipfs = \"{result.ipfs_api}\"")
     elif args.stack_command == "down":
@@ -158,6 +163,7 @@ def cmd_admin(args) -> int:
 
 def cmd_round_open(args) -> int:
     from ..protocol.aggregator import Aggregator
+    from .service import clock
 
     p = _participant(args)
     f = p.config.federation
@@ -168,7 +174,7 @@ def cmd_round_open(args) -> int:
     else:
         cid_digest, sha = latest.next_base
     rec = agg.open_round(cid_digest, sha, f.round_seconds, f.min_updates, f.allow_below_quorum)
-    print(f"round {rec.round_id} opened (deadline {rec.deadline}, tx {rec.opened_tx})")
+    print(f"round {rec.round_id} opened (deadline {clock(rec.deadline)}, tx {rec.opened_tx})")
     return 0
 
 
@@ -207,17 +213,20 @@ def cmd_audit(args) -> int:
                          "chain (`fedchain demo` audits its own embedded chain)")
     if args.store and not Path(args.store).is_dir():
         raise ValueError(f"store directory {args.store} not found")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     w3 = connect(args.rpc)
     deployment = Deployment.load(Path(args.deployment))
     deployment.check_chain(w3)
-    store = open_storage(args.ipfs) if args.ipfs else open_storage(f"embedded:{args.store}") if args.store else None
+    spec = args.ipfs or (f"embedded:{args.store}" if args.store else None)
+    store = None if spec is None else open_storage(spec, timeout_s=args.timeout, outage_s=args.timeout)
     report = run_audit(w3, deployment, store, verify=args.verify, page=args.page)
     save_report(report, args.json, args.html)
     for path in (args.json, args.html):
         if path:
             print(f"wrote {path}")
     print(report.table())
-    return 0 if report.ok else 1
+    return report.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "up":
             p.add_argument("--anvil-port", type=int, default=8545)
             p.add_argument("--ipfs-port", type=int, default=5001)
+            p.add_argument("--block-time", type=float, default=BLOCK_TIME,
+                           help="seconds between anvil's blocks (0: mine only when a transaction arrives)")
         p.set_defaults(func=cmd_stack)
 
     wallet = sub.add_parser("wallet", help="keystores and local funding").add_subparsers(
@@ -314,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_aggregator_run)
 
-    p = sub.add_parser("audit", help="rebuild and re-check the federation's whole history from the chain and storage")
+    p = sub.add_parser("audit", help="rebuild and re-check the federation's whole history from the chain and storage",
+                       epilog="exit status: 0 every round checks out, 1 a round is MISMATCH or UNAVAILABLE, 2 the "
+                              "audit could not run, 3 nothing failed but the last round is still open")
     p.add_argument("--rpc", required=True, help="JSON-RPC URL of the federation's chain")
     p.add_argument("--deployment", required=True, help="deployment record (JSON)")
     where = p.add_mutually_exclusive_group()
@@ -326,12 +339,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--page", type=int, default=2000, help="blocks per get_logs request")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for one stored object, and to ride out an unreachable IPFS node, before "
+                        "marking what needs it UNAVAILABLE")
     p.set_defaults(func=cmd_audit)
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (tests and redirections replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _notices_to_stderr() -> None:
+    """fedchain's own notices (an unreachable chain or IPFS node, ...) as timestamped lines on stderr."""
+    log = logging.getLogger("fedchain")
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _notices_to_stderr()
     try:
         return args.func(args)
     except KeyboardInterrupt:

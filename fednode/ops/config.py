@@ -17,16 +17,31 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names file, key and expected value."""
 
 
+def _at_least(name: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ChainSection:
     rpc: str = "http://127.0.0.1:8545"   # JSON-RPC URL of any EVM chain
     deployment: str = "deployment.json"   # deployment record written by `fedchain chain deploy`
+    outage_seconds: float = 300.0         # ride out an unreachable RPC endpoint this long before giving up
+
+    def __post_init__(self) -> None:
+        _at_least("outage_seconds", self.outage_seconds, 0)
 
 
 @dataclass(frozen=True)
 class StorageSection:
     ipfs: str = "http://127.0.0.1:5001"   # Kubo RPC API URL / multiaddr, or "embedded:PATH"
-    timeout: float = 30.0
+    timeout: float = 30.0                 # seconds without a byte from the node before a fetch fails
+    outage_seconds: float = 300.0         # ride out an unreachable IPFS node this long before giving up
+
+    def __post_init__(self) -> None:
+        _at_least("outage_seconds", self.outage_seconds, 0)
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout!r}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,8 @@ class FederationSection:
     privacy: dict = field(default_factory=dict)  # client-side DP, e.g. {mechanism = "gaussian", clip_norm = 1.0,
                                                  #   noise_multiplier = 1.0, delta = 1e-5}; {} = off
     weighting: str = "num_samples"
+    merge_order: str = "sha256"           # "sha256": the same updates give the same global whatever their arrival
+                                          #   order; "submission": on-chain order
     adapter: str = "lora"                 # "lora" ([lora] settings) or "prompt" ([prompt] settings)
     client: dict = field(default_factory=dict)   # what local training adds, e.g. {proximal_mu = 0.01} (FedProx),
                                                  #   {freeze_a = true} (FFA-LoRA), {local_rank = 4,

@@ -23,7 +23,7 @@ class Participant:
 
     @cached_property
     def w3(self) -> Web3:
-        return connect(self.config.chain.rpc)
+        return connect(self.config.chain.rpc, outage_seconds=self.config.chain.outage_seconds)
 
     @cached_property
     def deployment(self) -> Deployment:
@@ -51,7 +51,7 @@ class Participant:
         spec = self.config.storage.ipfs
         if spec.startswith("embedded:"):  # a relative store folder is relative to the config file
             spec = f"embedded:{self.config.resolve(spec.removeprefix('embedded:'))}"
-        return open_storage(spec, timeout_s=self.config.storage.timeout)
+        return open_storage(spec, timeout_s=self.config.storage.timeout, outage_s=self.config.storage.outage_seconds)
 
     @cached_property
     def base(self):
@@ -92,6 +92,7 @@ class Participant:
             return FederationRules(base_model=self.base.digest, lora=self.config.global_adapter_config,
                                    aggregation=f.aggregation, params=f.params, weighting=f.weighting,
                                    max_update_norm=f.max_update_norm, max_adapter_bytes=f.max_adapter_bytes,
-                                   privacy=f.privacy, rounds=f.rounds, adapter=f.adapter, client=f.client)
+                                   privacy=f.privacy, rounds=f.rounds, adapter=f.adapter, client=f.client,
+                                   merge_order=f.merge_order)
         except RulesError as exc:
             raise ConfigError(f"{self.config.path}: [federation] {exc}") from None

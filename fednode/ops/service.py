@@ -1,17 +1,22 @@
 """The long-running processes: `fedchain node run` and `fedchain aggregator run`. Both keep no state of their own
-beyond the chain and storage, so a restarted process picks up where the chain says the federation is."""
+beyond the chain and storage, so a restarted process picks up where the chain says the federation is. Deadlines
+are judged by the next block's time, which moves on an idle chain too; an unreachable chain or IPFS node is ridden
+out by the clients underneath (`chain.outage`)."""
 from __future__ import annotations
 
 import time
 from typing import Callable
 
 from chain.clients import RoundState
+from chain.errors import ChainError
 
 from ..protocol.aggregator import Aggregator, AggregatorError
 from ..protocol.ledger import Ledger, RoundRecord
 from ..protocol.node import Node
 from ..timing import Stopwatch
 from .participant import Participant
+
+CLOSED = ("DeadlinePassed", "RoundNotOpen")  # a submission the round no longer takes
 
 
 class ServiceError(RuntimeError):
@@ -20,6 +25,11 @@ class ServiceError(RuntimeError):
 
 def _log(message: str) -> None:
     print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def clock(seconds: int) -> str:
+    """A unix time as local wall-clock time."""
+    return time.strftime("%H:%M:%S", time.localtime(seconds))
 
 
 def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log) -> dict:
@@ -32,20 +42,36 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
     node = Node(fed, p.store, p.trainer, p.client, p.rules, p.config.train, watch,
                 p.config.resolve(p.config.model.private_dir))
     ledger = Ledger(fed)
-    evaluations = {}
+    evaluations, passed = {}, set()  # rounds this node takes no part in any more (said once each)
+
+    def skip(rec: RoundRecord, why: str) -> None:
+        if rec.round_id not in passed:
+            passed.add(rec.round_id)
+            log(f"round {rec.round_id}: {why}; waiting for the next round")
+
     while not stop():
         rec = ledger.refresh().latest_round()
         if rec is None:
             time.sleep(p.config.federation.poll_seconds)
             continue
         rules = _check_rules(p, node, rec)
-        if rec.state == RoundState.OPEN and not node.has_submitted(rec.round_id):
-            if fed.chain_time() > rec.deadline:
-                log(f"round {rec.round_id} closed at its deadline before this node could submit; waiting")
+        if rec.state == RoundState.OPEN and rec.round_id not in passed:
+            if node.has_submitted(rec.round_id):
+                skip(rec, "this node's update is already on-chain (submitted before a restart)")
+            elif fed.next_block_time() > rec.deadline:
+                skip(rec, f"closed at its deadline {clock(rec.deadline)} before this node could submit")
             else:
-                log(f"round {rec.round_id}: training on {len(p.client.train)} examples")
-                sub = node.participate(rec)
+                log(f"round {rec.round_id}: training on {len(p.client.train)} examples (deadline "
+                    f"{clock(rec.deadline)})")
+                try:
+                    sub = node.participate(rec)
+                except ChainError as exc:
+                    if exc.error_name not in CLOSED:
+                        raise
+                    skip(rec, f"closed while this node trained, its update is not submitted ({exc})")
+                    continue
                 if sub is not None:
+                    passed.add(rec.round_id)
                     log(f"round {rec.round_id}: submitted {sub.cid} (train loss {sub.metrics['train_loss']:.4f}, "
                         f"tx {sub.receipt.tx_hash}, gas {sub.receipt.gas_used:,})")
                 continue
@@ -74,37 +100,47 @@ def _check_rules(p: Participant, node: Node, rec: RoundRecord):
 
 def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log) -> list[int]:
     """Open rounds, wait for updates, verify, merge, finalize, and open the next round, until the configured
-    number of rounds is finalized. Returns the finalized round ids."""
+    number of rounds is finalized. A round that cannot be finalized (no valid update, quorum not reached) waits for
+    its deadline and is then finalized below quorum if its rules allow it, else cancelled. Returns the finalized
+    round ids."""
     f = p.config.federation
     watch = Stopwatch()
     agg = Aggregator(p.federation, p.store, p.rules, watch, log=log)
-    finalized = []
+    finalized, waiting = [], set()  # rounds waiting for their deadline (said once each)
+
+    def opened(rec: RoundRecord, start: str) -> None:
+        log(f"round {rec.round_id} opened from {start} (deadline {clock(rec.deadline)}, in "
+            f"{rec.deadline - p.federation.next_block_time()} s)")
+
     while not stop():
         rec = agg.ledger.refresh().latest_round()
         if rec is None:
             cid, cid_digest, sha = agg.publish_global(0, p.global_trainer.initial_state(f.seed))
-            rec = agg.open_round(cid_digest, sha, f.round_seconds, f.min_updates, f.allow_below_quorum)
-            log(f"round {rec.round_id} opened from the initial adapter {cid} (deadline {rec.deadline})")
+            opened(agg.open_round(cid_digest, sha, f.round_seconds, f.min_updates, f.allow_below_quorum),
+                   f"the initial adapter {cid}")
         elif rec.state == RoundState.OPEN:
-            if not agg.ready(rec):
+            if not agg.ready(rec) or (rec.round_id in waiting and not agg.deadline_passed(rec)):
                 time.sleep(f.poll_seconds)
                 continue
             try:
                 result = agg.finalize(rec)
-                finalized.append(rec.round_id)
             except AggregatorError as exc:
-                if p.federation.chain_time() <= rec.deadline:
-                    raise
+                if not agg.deadline_passed(rec):
+                    if rec.round_id not in waiting:
+                        waiting.add(rec.round_id)
+                        log(f"{exc}; waiting for its deadline {clock(rec.deadline)}")
+                    continue
                 log(f"{exc}: cancelling")
                 p.federation.cancel_round(rec.round_id)
                 continue
+            finalized.append(rec.round_id)
             log(f"round {rec.round_id}: global {result.cid}, tx {result.receipt.tx_hash}, "
                 f"gas {result.receipt.gas_used:,}")
         elif rec.state == RoundState.FINALIZED and rec.round_id >= p.rules.rounds:
             log(f"federation complete: {rec.round_id} rounds finalized")
             break
         else:
-            nxt = agg.open_round(*rec.next_base, f.round_seconds, f.min_updates, f.allow_below_quorum)
-            log(f"round {nxt.round_id} opened (deadline {nxt.deadline})")
+            opened(agg.open_round(*rec.next_base, f.round_seconds, f.min_updates, f.allow_below_quorum),
+                   f"round {rec.round_id}'s {'global' if rec.finalized else 'start'} adapter")
     log(f"time: {watch.as_dict()}")
     return finalized

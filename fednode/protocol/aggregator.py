@@ -67,8 +67,8 @@ class Aggregator:
             with self.stopwatch("storage"):
                 publish_bytes(self.store, self.rules.to_bytes())
             self._rules_published = True
-        with self.stopwatch("chain"):
-            deadline = self.fed.chain_time() + duration_s
+        with self.stopwatch("chain"):  # judged by the next block's time: on an idle chain the latest block is old
+            deadline = self.fed.next_block_time() + duration_s
             round_id, _ = self.fed.open_round(base_cid_digest, base_sha256, self.rules.digest(), deadline,
                                               min_updates, allow_below_quorum)
             return self.ledger.refresh().rounds[round_id]
@@ -81,7 +81,11 @@ class Aggregator:
             head = self.fed.w3.eth.block_number
             active = {a for a, p in history.participants.items() if p.active_at(head)}
             submitted = {s.node for s in rec.submissions}
-            return active <= submitted or self.fed.chain_time() > rec.deadline
+            return active <= submitted or self.deadline_passed(rec)
+
+    def deadline_passed(self, rec: RoundRecord) -> bool:
+        """Whether a block mined now would be past the round's deadline (the clock that does not stall)."""
+        return self.fed.next_block_time() > rec.deadline
 
     def start_adapter(self, rec: RoundRecord) -> tuple[dict, dict[str, str]]:
         """The round's start adapter (the last finalized global one) and its metadata."""
@@ -113,6 +117,11 @@ class Aggregator:
         if not accepted:
             raise AggregatorError(f"round {rec.round_id}: no update passed verification; cancel it after its "
                                   "deadline")
+        if len(accepted) < rec.min_updates and not (rec.allow_below_quorum and self.deadline_passed(rec)):
+            raise AggregatorError(f"round {rec.round_id}: {len(accepted)} accepted updates, fewer than its quorum "
+                                  f"{rec.min_updates}" + ("; it may close below quorum after its deadline"
+                                                         if rec.allow_below_quorum else "; cancel it after its "
+                                                                                        "deadline"))
         with self.stopwatch("storage"):
             previous = fetch_server_state(self.store, start_meta, self.rules)
         with self.stopwatch("aggregation"):

@@ -26,8 +26,8 @@ class MergedRound:
 
 def accepted_updates(verdicts: Iterable[Verdict]) -> list[WeightedUpdate]:
     """The accepted verdicts as the updates a rule merges, with their declared adapter configs."""
-    return [WeightedUpdate(v.submission.index, v.submission.num_samples, v.state, v.adapter_config)
-            for v in verdicts if v.accepted]
+    return [WeightedUpdate(v.submission.index, v.submission.num_samples, v.state, v.adapter_config,
+                           v.submission.file_sha256) for v in verdicts if v.accepted]
 
 
 def merge_round(rules: FederationRules, start: State, server_state: State | None, updates: Sequence[WeightedUpdate],

@@ -49,8 +49,8 @@ def publish_json(store: Storage, value) -> tuple[str, bytes]:
 
 
 def fetch_verified(store: Storage, cid_digest_: bytes, sha256: bytes, max_bytes: int) -> bytes:
-    cid = locate(store, cid_digest_, sha256)
     try:
+        cid = locate(store, cid_digest_, sha256)
         data = store.get(cid, max_bytes=max_bytes)
     except StorageError as exc:
         raise PublishError(str(exc)) from None

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from ..learning.privacy import DPSettings
     from ..strategies.base import State, Strategy
 
-RULES_VERSION = 1
+RULES_VERSION = 2  # 2: `merge_order` (version 1 documents name none and mean submission order)
+MERGE_ORDERS = ("sha256", "submission")
 __all__ = ["RULES_VERSION", "FederationRules", "RulesError"]
 
 
@@ -39,9 +40,16 @@ class FederationRules:
     adapter: str = "lora"                 # "lora" or "prompt" (peft prompt tuning)
     client: dict = field(default_factory=dict)  # fednode.learning.settings.ClientObjective fields: what training
     # adds (FedProx, frozen A, a private orthogonal adapter); {} = plain local training
+    merge_order: str = "sha256"           # the order updates are summed in: "sha256" (by file digest: the same
+    # accepted updates give the same global adapter whatever order they arrived in) or "submission" (on-chain order)
     version: int = RULES_VERSION
 
     def __post_init__(self):
+        if self.version not in (1, RULES_VERSION):
+            raise RulesError(f"rules version {self.version!r} is not one this fedchain reads (1 or {RULES_VERSION})")
+        if self.merge_order not in MERGE_ORDERS or (self.version == 1 and self.merge_order != "submission"):
+            raise RulesError(f"merge_order must be one of {', '.join(MERGE_ORDERS)} (version 1 rules: submission), "
+                             f"got {self.merge_order!r}")
         if self.weighting not in ("num_samples", "uniform"):
             raise RulesError(f"weighting must be 'num_samples' or 'uniform', got {self.weighting!r}")
         if not self.max_update_norm > 0:
@@ -90,7 +98,7 @@ class FederationRules:
         `strategy.server_state`; None in the first round and always for a stateless rule)."""
         from ..strategies.registry import build  # imports torch: only when a rule is applied
 
-        return build(self.aggregation, self.params, self.weighting, self.lora, server_state)
+        return build(self.aggregation, self.params, self.weighting, self.lora, server_state, self.merge_order)
 
     def norm_bound(self, num_params: int) -> float:
         """The L2 bound an update of `num_params` numbers must meet: max_update_norm, raised under client-side DP
@@ -102,7 +110,11 @@ class FederationRules:
         return max(self.max_update_norm, dp.clip_norm * (1 + dp.noise_multiplier * (math.sqrt(num_params) + 8)))
 
     def to_bytes(self) -> bytes:
-        return canonical_json(asdict(self))
+        """The canonical document; a version 1 document comes out exactly as it was published (no merge_order)."""
+        fields = asdict(self)
+        if self.version == 1:
+            del fields["merge_order"]
+        return canonical_json(fields)
 
     def digest(self) -> bytes:
         return hashlib.sha256(self.to_bytes()).digest()
@@ -110,6 +122,11 @@ class FederationRules:
     @classmethod
     def from_bytes(cls, data: bytes) -> "FederationRules":
         try:
-            return cls(**json.loads(data))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            fields = json.loads(data)
+            if fields.get("version") == 1:
+                if "merge_order" in fields:
+                    raise TypeError("version 1 rules name no merge_order")
+                fields["merge_order"] = "submission"
+            return cls(**fields)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
             raise RulesError(f"not a fedchain rules document: {exc}") from None

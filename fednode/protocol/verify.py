@@ -12,7 +12,7 @@ import torch
 
 from ..learning.lora_math import truncate
 from ..learning.settings import ADAPTERS, SettingsError
-from ..storage import Storage, StorageError, StorageTooLarge
+from ..storage import Storage, StorageError, StorageTooLarge, StorageUnreachable
 from ..storage.cid import cid_digest, cid_of
 from .ledger import ParticipantRecord, Submission
 from .packaging import AdapterError, tensor_norm, unpack_adapter
@@ -156,12 +156,15 @@ def declared_config(meta: dict, rules: FederationRules) -> dict | tuple[Reason, 
 
 def fetch_submission(sub: Submission, store: Storage, ctx: RoundContext) -> tuple[str, bytes | Verdict]:
     """The CID a submission names and its stored bytes, or the verdict (TOO_LARGE, UNAVAILABLE) when they cannot
-    be fetched within the rules' size bound."""
+    be fetched within the rules' size bound. A store that does not answer at all is no verdict on the update:
+    StorageUnreachable is raised."""
     cid = locate(store, sub.cid_digest, sub.file_sha256)
     try:
         return cid, store.get(cid, max_bytes=ctx.rules.max_adapter_bytes)
     except StorageTooLarge as exc:
         return cid, Verdict(sub, Reason.TOO_LARGE, str(exc))
+    except StorageUnreachable:
+        raise
     except StorageError as exc:
         return cid, Verdict(sub, Reason.UNAVAILABLE, str(exc))
 

@@ -6,20 +6,23 @@ gives it (see :mod:`fednode.storage.cid`), so a CID written on-chain resolves th
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import urllib.parse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import ipfshttpclient
 import requests
 import urllib3
 
+from chain.outage import DEFAULT_OUTAGE_SECONDS, Outage, OutageError
+
 from .cid import CHUNK_SIZE, CIDError, cid_of, normalize_cid
 from .files import write_atomic
+
+T = TypeVar("T")
 
 # ipfshttpclient 0.7.0 passes urllib3 a parameter that urllib3 2.x only warns about.
 warnings.filterwarnings("ignore", message="The 'strict' parameter is no longer needed", category=FutureWarning)
@@ -31,6 +34,10 @@ class StorageError(RuntimeError):
 
 class StorageTooLarge(StorageError):
     """Content over the caller's size limit (nothing past the limit was read)."""
+
+
+class StorageUnreachable(StorageError):
+    """The store did not answer for its whole outage budget."""
 
 
 class Storage(Protocol):
@@ -137,24 +144,25 @@ class IpfsHttpStore:
     node: a cat of content no peer has would otherwise hang forever.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 30.0, outage_s: float = DEFAULT_OUTAGE_SECONDS) -> None:
         self.address = address
         self.multiaddr = _multiaddr(address)
         self.timeout_s = timeout_s
+        self.outage = Outage(f"IPFS API {address}", budget_s=outage_s)
         try:
             self._client = ipfshttpclient.Client(self.multiaddr, timeout=timeout_s)
         except ipfshttpclient.exceptions.AddressError as e:
             raise StorageError(f"bad IPFS API address {address!r}: {e}") from e
 
-    @contextlib.contextmanager
-    def _calling(self, what: str) -> Iterator[None]:
-        """Turn the client's exceptions into one-line StorageErrors that start with ``what``."""
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` against the node, riding out an unreachable node (``chain.outage``), with the client's
+        exceptions turned into one-line StorageErrors that start with ``what``."""
         try:
-            yield
+            return self.outage.call(fn, _unreachable)
+        except OutageError as e:
+            retried = f" (retried for {self.outage.budget_s:g} s)" if self.outage.budget_s else ""
+            raise StorageUnreachable(f"{what}: {e.reason}{retried}") from None
         except (ipfshttpclient.exceptions.Error, requests.RequestException) as e:
-            if isinstance(e, ipfshttpclient.exceptions.ConnectionError):
-                reason = "connection refused" if "refused" in str(e).lower() else "cannot connect"
-                raise StorageError(f"{what}: {reason}") from e
             if _is_timeout(e):
                 raise StorageError(f"{what}: timed out after {self.timeout_s:g}s") from e
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -162,14 +170,14 @@ class IpfsHttpStore:
 
     def version(self) -> str:
         """The node's version string (js-ipfs 0.66 says 0.18.1)."""
-        with self._calling(f"cannot query the version of IPFS at {self.address}"):
-            return str(self._client.version()["Version"])
+        return str(self._call(f"cannot query the version of IPFS at {self.address}",
+                              lambda: self._client.version()["Version"]))
 
     def put(self, data: bytes) -> str:
         expected = cid_of(data)
         opts = {"cid-version": 1, "raw-leaves": "true", "chunker": f"size-{CHUNK_SIZE}"}
-        with self._calling(f"cannot add {len(data)} bytes to IPFS at {self.address}"):
-            returned = self._client.add_bytes(data, opts=opts)
+        returned = self._call(f"cannot add {len(data)} bytes to IPFS at {self.address}",
+                              lambda: self._client.add_bytes(data, opts=opts))
         try:
             cid = normalize_cid(returned)
         except CIDError as e:
@@ -184,23 +192,24 @@ class IpfsHttpStore:
     def get(self, cid: str, max_bytes: int | None = None) -> bytes:
         cid = normalize_cid(cid)
         length = None if max_bytes is None else max_bytes + 1
-        with self._calling(f"CID {cid} not available from IPFS at {self.address}"):
-            data = self._client.cat(cid, length=length)
+        data = self._call(f"CID {cid} not available from IPFS at {self.address}",
+                          lambda: self._client.cat(cid, length=length))
         if max_bytes is not None and len(data) > max_bytes:
             raise StorageTooLarge(f"CID {cid} on IPFS at {self.address} is over the {max_bytes}-byte limit")
         return data
 
     def pin(self, cid: str) -> None:
         cid = normalize_cid(cid)
-        with self._calling(f"cannot pin CID {cid} on IPFS at {self.address}"):
-            self._client.pin.add(cid)
+        self._call(f"cannot pin CID {cid} on IPFS at {self.address}", lambda: self._client.pin.add(cid))
 
     def has(self, cid: str) -> bool:
         """Whether the node holds ``cid`` pinned (directly, recursively or inside a pinned DAG)."""
         cid = normalize_cid(cid)
         try:
-            with self._calling(f"cannot list pins of CID {cid} on IPFS at {self.address}"):
-                self._client.pin.ls(cid, type="all")
+            self._call(f"cannot list pins of CID {cid} on IPFS at {self.address}",
+                       lambda: self._client.pin.ls(cid, type="all"))
+        except StorageUnreachable:
+            raise
         except StorageError as e:
             if "is not pinned" in str(e):
                 return False
@@ -208,7 +217,14 @@ class IpfsHttpStore:
         return True
 
 
-def open_storage(spec: str, root_default: Path | None = None, timeout_s: float = 30.0) -> Storage:
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` means the node did not answer at all (refused or dropped), not a slow or missing CID."""
+    return isinstance(error, (ipfshttpclient.exceptions.ConnectionError, requests.ConnectionError)) \
+        and not _is_timeout(error)
+
+
+def open_storage(spec: str, root_default: Path | None = None, timeout_s: float = 30.0,
+                 outage_s: float = DEFAULT_OUTAGE_SECONDS) -> Storage:
     """The store ``spec`` names: ``embedded`` (at ``root_default``), ``embedded:PATH``, ``ipfs:ADDRESS`` or a bare
     IPFS API address (``http://host:5001``, ``/ip4/.../tcp/5001/http``)."""
     if spec.startswith(("http://", "https://", "/")):
@@ -217,6 +233,6 @@ def open_storage(spec: str, root_default: Path | None = None, timeout_s: float =
     if kind == "embedded" and (arg or root_default is not None):
         return EmbeddedStore(Path(arg) if arg else root_default)
     if kind == "ipfs" and arg:
-        return IpfsHttpStore(arg, timeout_s=timeout_s)
+        return IpfsHttpStore(arg, timeout_s=timeout_s, outage_s=outage_s)
     raise StorageError(f"unknown storage {spec!r}: expected 'embedded:PATH', an IPFS API address "
                        "(http://127.0.0.1:5001) or 'ipfs:ADDRESS'")

@@ -27,6 +27,7 @@ class WeightedUpdate:
     num_samples: int
     state: State
     adapter_config: dict | None = None  # the update's own peft config (file metadata); None = the rules' config
+    file_sha256: bytes = b""            # the update file's digest: the canonical merge order
 
 
 @dataclass(frozen=True)

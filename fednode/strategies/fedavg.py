@@ -1,6 +1,8 @@
-"""FedAvg (McMahan et al.), the base of every rule. Deterministic by construction: updates are taken in on-chain
-submission order and accumulated in float64 with separate multiply and add steps, so the same inputs give
-bit-identical output on any machine."""
+"""FedAvg (McMahan et al.), the base of every rule. Deterministic by construction: updates are taken in a canonical
+order and accumulated in float64 with separate multiply and add steps, so the same inputs give bit-identical output
+on any machine. The order is the rules' `merge_order`: "sha256" (by the update file's digest, then submission
+index: the same accepted updates give the same bytes whatever order their transactions landed in) or
+"submission" (on-chain submission order, what rules documents before version 2 mean)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,7 @@ import torch
 from .base import AggregateError, Param, RulesError, WeightedUpdate
 
 State = dict[str, torch.Tensor]
+ORDERS = {"sha256": lambda u: (u.file_sha256, u.index), "submission": lambda u: u.index}
 
 
 class FedAvg:
@@ -21,12 +24,15 @@ class FedAvg:
     tolerance = 0.0  # bit-exact
 
     def __init__(self, weighting: str = "num_samples", server_state: State | None = None,
-                 adapter_config: dict | None = None, **params: float):
+                 adapter_config: dict | None = None, *, order: str = "sha256", **params: float):
         unknown = sorted(set(params) - set(self.params_spec))
         if unknown:
             known = ", ".join(sorted(self.params_spec)) or "none"
             raise RulesError(f"{self.name} has no parameter {unknown[0]!r}; known: {known}")
+        if order not in ORDERS:
+            raise RulesError(f"merge_order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.weighting = weighting
+        self.order = order
         self.params = {k: spec.check(self.name, k, params.get(k, spec.default)) for k, spec in self.params_spec.items()}
         self.server_state = server_state
         self.adapter_config = adapter_config  # the global adapter's config (the rules' `lora`)
@@ -39,7 +45,7 @@ class FedAvg:
     def _ordered(self, updates: list[WeightedUpdate]) -> tuple[list[WeightedUpdate], list[float]]:
         if not updates:
             raise AggregateError("no accepted updates to aggregate")
-        ordered = sorted(updates, key=lambda u: u.index)
+        ordered = sorted(updates, key=ORDERS[self.order])
         return ordered, self.weights(ordered)
 
     @staticmethod

@@ -7,10 +7,11 @@ from .fedopt import FedAdam, FedAvgM, FedYogi
 from .lora_exact import LoraExact
 
 STRATEGIES: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, LoraExact)}
-RESERVED = ("weighting", "server_state", "adapter_config")  # constructor arguments, never rule parameters
+RESERVED = ("weighting", "server_state", "adapter_config", "order")  # constructor arguments, never rule parameters
 
 
-def build(name: str, params: dict, weighting: str, adapter_config: dict, server_state: State | None = None) -> FedAvg:
+def build(name: str, params: dict, weighting: str, adapter_config: dict, server_state: State | None = None,
+          order: str = "sha256") -> FedAvg:
     """The rule `name` with `params`, continuing from `server_state` (the previous round's `strategy.server_state`;
     None in the first round and always for a stateless rule)."""
     cls = STRATEGIES.get(name)
@@ -21,4 +22,4 @@ def build(name: str, params: dict, weighting: str, adapter_config: dict, server_
     clash = sorted(set(RESERVED) & params.keys())
     if clash:
         raise RulesError(f"{name} has no parameter {clash[0]!r}")
-    return cls(weighting, server_state, adapter_config, **params)
+    return cls(weighting, server_state, adapter_config, order=order, **params)
