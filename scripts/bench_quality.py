@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-per-client", type=int)
     p.add_argument("--eval-per-client", type=int)
     p.add_argument("--mc-items", type=int, help="multiple-choice questions per hospital")
+    return parse_with_machine_args(p, argv)
+
+
+def parse_with_machine_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`p`'s arguments plus --threads and --cache-dir, which every benchmark takes."""
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a busy 2-core box)")
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("FEDCHAIN_CACHE", Path.home() / ".cache"
                                                                        / "fedchain")))

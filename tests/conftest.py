@@ -16,6 +16,7 @@ from chain.connection import EMBEDDED, connect
 from chain.deployment import Deployment, deploy
 from chain.wallet import dev_account
 from devstack import anvil as anvil_process
+from devstack import ipfs as ipfs_daemon
 
 ADMIN_INDEX = 0
 AGGREGATOR_INDEX = 9
@@ -128,6 +129,16 @@ def anvil(tmp_path_factory):
     handle = anvil_process.start(state_dir, port=free_port())
     yield handle
     anvil_process.stop(state_dir)
+
+
+@pytest.fixture(scope="module")
+def local_stack(anvil, tmp_path_factory):
+    """The local stack in this process's reach: the module's real anvil and a real IPFS node."""
+    require(ipfs_daemon.ipfs_command, ipfs_daemon.IpfsDaemonError, "IPFS node")
+    state_dir = tmp_path_factory.mktemp("ipfs")
+    handle = ipfs_daemon.start(state_dir, api_port=free_port())
+    yield anvil, handle
+    ipfs_daemon.stop(state_dir)
 
 
 @pytest.fixture

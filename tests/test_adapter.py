@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import math
 import os
 import pickle
 import random
@@ -17,7 +16,6 @@ from safetensors.torch import save as safetensors_save
 from fednode.protocol.packaging import (
     AdapterError,
     pack_adapter,
-    tensor_norm,
     unpack_adapter,
 )
 
@@ -151,12 +149,3 @@ def test_non_string_metadata_in_a_file_is_refused_by_the_parser():
     with pytest.raises(AdapterError) as info:
         unpack_adapter(len(header).to_bytes(8, "little") + header.encode() + bytes(4), LIMIT)
     assert info.value.reason == "not_safetensors"
-
-
-def test_tensor_norm_is_the_global_l2_norm_independent_of_order():
-    state = _state()
-    flat = torch.cat([v.double().reshape(-1) for v in state.values()])
-    assert tensor_norm(state) == pytest.approx(float(flat.norm()), rel=1e-12)
-    assert tensor_norm(dict(reversed(list(state.items())))) == tensor_norm(state)
-    assert tensor_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}) == 5.0
-    assert math.isnan(tensor_norm({"a": torch.tensor([float("nan")])}))

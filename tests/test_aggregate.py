@@ -193,12 +193,16 @@ def test_bit_identical_in_another_process_with_scalar_kernels(tmp_path):
     """The same inputs in a fresh single-threaded process whose ATen runs its non-vectorized kernels (as on a
     CPU without AVX2) give the same bits as here: no result depends on threads, SIMD width or process."""
     expected = {}
-    for name in ["fedavg", *STATEFUL]:
-        rules = rules_for(name)
-        start, updates = synthetic_round(20)
+    robust = {"median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {"f": 1}, "multi_krum": {"f": 1, "m": 3}}
+    cases = {name: rules_for(name) for name in ["fedavg", *STATEFUL]}
+    cases |= {name: rules_for(name, params) for name, params in robust.items()}
+    cases["server_clip"] = replace(rules_for("fedadam"), server_clip=1.0, max_weight_share=0.3)
+    for name, rules in cases.items():
+        n = 5 if name in robust or name == "server_clip" else 3
+        start, updates = synthetic_round(20, n=n)
         warm = rules.strategy()
         warm.aggregate_train(start, updates)           # a round earlier, so the state is not all zeros
-        start, updates = synthetic_round(21, start)
+        start, updates = synthetic_round(21, start, n=n)
         case = tmp_path / name
         case.mkdir()
         (case / "rules.json").write_bytes(rules.to_bytes())

@@ -29,7 +29,7 @@ from fednode.learning.settings import LoraSettings, TrainSettings
 from fednode.ops.cli import main
 from fednode.ops.embedded import EmbeddedFederation
 from fednode.protocol.packaging import SERVER_STATE_KEY, pack_adapter, unpack_adapter
-from fednode.protocol.publish import locate
+from fednode.protocol.publish import locate, publish_json
 from fednode.protocol.rules import FederationRules
 from fednode.protocol.verify import Reason
 from fednode.storage import EmbeddedStore
@@ -139,8 +139,9 @@ def audited(anvil, icd_base, trainer, tmp_path_factory) -> Audited:
     def late_upload(rec):  # anchored on-chain, but the bytes reach storage only after the round
         update = attacker.train(rec)
         late.append(update.data)
+        _, metrics_digest = publish_json(world.store, update.metrics)
         attacker.fed.submit_update(rec.round_id, cid_digest(cid_of(update.data)), hashlib.sha256(update.data).digest(),
-                                   update.num_samples, hashlib.sha256(b"{}").digest())
+                                   update.num_samples, metrics_digest)
 
     rounds = {"honest 1": world.honest_round(nan_update), "honest 2": world.honest_round(late_upload)}
     world.store.put(late[0])

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
+from support import metrics_for
 
 from fednode.learning.adapters import LoraTrainer
 from fednode.learning.data import DataConfig, build_clients
 from fednode.learning.settings import LoraSettings, TrainSettings
 from fednode.ops.embedded import EmbeddedFederation
 from fednode.protocol.packaging import adapter_metadata, pack_adapter, unpack_adapter
-from fednode.protocol.publish import publish_bytes
+from fednode.protocol.publish import publish_bytes, publish_json
 from fednode.protocol.rules import FederationRules
 from fednode.protocol.verify import Reason
 from fednode.storage import EmbeddedStore
@@ -88,10 +89,11 @@ def test_every_rejection_path_is_named_and_the_round_still_finalizes(tmp_path, i
     honest = [n.participate(rec) for n in world.honest]
     expected = {}
     for attack, node in zip(attacks, world.attackers):
+        n = len(node.client.train)  # what its model card declared
         state, data = _honest_bytes(world, node, rec)
         sha = cid_digest = None
         if attack == "tampered_bytes":
-            sub = node.publish_and_submit(rec.round_id, data, 16, {})
+            sub = node.publish_and_submit(rec.round_id, data, n, metrics_for(node, rec.round_id, n))
             path = world.store.path_of(sub.cid)
             raw = bytearray(path.read_bytes())
             raw[-1] ^= 0xFF
@@ -112,7 +114,7 @@ def test_every_rejection_path_is_named_and_the_round_still_finalizes(tmp_path, i
             path.write_bytes(data)
             expected[node.address] = Reason.CID_MISMATCH
         elif attack == "revoked":
-            node.publish_and_submit(rec.round_id, data, 16, {})
+            node.publish_and_submit(rec.round_id, data, n, metrics_for(node, rec.round_id, n))
             world.admin_fed.revoke(node.address, 1)
             expected[node.address] = Reason.REVOKED
             continue
@@ -152,7 +154,8 @@ def test_every_rejection_path_is_named_and_the_round_still_finalizes(tmp_path, i
             expected[node.address] = Reason.WRONG_NODE
         if sha is None:
             _, cid_digest, sha = publish_bytes(world.store, data)
-        node.fed.submit_update(rec.round_id, cid_digest, sha, 16, hashlib.sha256(b"{}").digest())
+        _, metrics_digest = publish_json(world.store, metrics_for(node, rec.round_id, n))
+        node.fed.submit_update(rec.round_id, cid_digest, sha, n, metrics_digest)
 
     result = world.aggregator.finalize(rec)
     got = {v.submission.node: v.reason for v in result.verdicts}

@@ -3,14 +3,14 @@ objective and adapter, the aggregator verifies and merges with its rule, the aud
 chain and store alone. On the embedded chain + store and on the local stack (real anvil + a real IPFS node)."""
 from __future__ import annotations
 
+import statistics
 from dataclasses import replace
 
 import pytest
 import torch
-from support import free_port, require
+from support import metrics_for
 
 from chain.connection import connect
-from devstack import ipfs as ipfs_daemon
 from fednode.audit import Status, run_audit
 from fednode.learning.adapters import make_trainer
 from fednode.learning.data import DataConfig, build_clients
@@ -25,6 +25,7 @@ from fednode.protocol.rules import FederationRules, RulesError
 from fednode.protocol.verify import Reason, update_norm
 from fednode.storage import EmbeddedStore, IpfsHttpStore
 from fednode.strategies.base import WeightedUpdate
+from fednode.strategies.fedavg import FedAvg
 
 LORA = LoraSettings()
 PROMPT = PromptSettings(num_virtual_tokens=4)
@@ -54,7 +55,7 @@ class Run:
         self.results, self.updates = [], []
 
     def round(self, nodes=None):
-        run = self.fed.run_round(nodes)
+        run = self.fed.run_round(nodes, min_updates=self.method.min_clients)
         self.updates.append(run.updates)
         self.results.append(run.result)
         return run.record, run.result
@@ -64,6 +65,9 @@ class Run:
 
 
 def run_and_audit(name, base, clients, store, w3=None) -> Run:
+    needed = method(name).min_clients  # Krum needs 2f + 3 hospitals
+    if len(clients) < needed:
+        clients = build_clients(DataConfig(num_clients=needed, train_per_client=16, eval_per_client=8))
     run = Run(name, base, clients, store, w3)
     for _ in range(ROUNDS):
         _, result = run.round()
@@ -95,6 +99,25 @@ def check_method(run: Run) -> None:
     if m.privacy:
         eps = [u.metrics["privacy"]["epsilon"] for u in run.updates[-1]]
         assert all(e > 0 for e in eps) and len(set(eps)) == 1
+    if m.aggregation == "krum":  # one of the updates becomes the global adapter, exactly
+        assert any(all(torch.equal(last.state[k], run.stored(u)[0][k]) for k in last.state) for u in run.updates[-1])
+    if m.aggregation in ("median", "trimmed_mean"):  # every coordinate within the updates' range
+        stacked = {k: torch.stack([run.stored(u)[0][k] for u in run.updates[-1]]) for k in last.state}
+        assert all(bool(((stacked[k].min(0).values <= t) & (t <= stacked[k].max(0).values)).all())
+                   for k, t in last.state.items())
+    if m.server_clip:  # FedAvg of the deltas clipped to the round's median norm, and not of the raw ones
+        start = run.results[-2].state
+        stored = [(u, run.stored(u)[0]) for u in run.updates[-1]]
+        bound = m.server_clip * statistics.median(update_norm(state, start) for _, state in stored)
+        raw, clipped = [], []
+        for u, state in stored:
+            scale = min(1.0, bound / update_norm(state, start))
+            raw.append(WeightedUpdate(len(raw), u.num_samples, state, file_sha256=u.file_sha256))
+            clipped.append(replace(raw[-1], state={k: start[k] + (t - start[k]) * scale for k, t in state.items()}))
+        assert all(torch.allclose(t, FedAvg().aggregate_train(start, clipped)[k], rtol=1e-5, atol=1e-8)
+                   for k, t in last.state.items())
+        assert not all(torch.allclose(t, FedAvg().aggregate_train(start, raw)[k], rtol=1e-5, atol=1e-8)
+                       for k, t in last.state.items())
     if m.client.get("proximal_mu"):  # the proximal pull reached training: each update is shorter than with mu = 0
         plain = make_trainer(run.global_trainer.base, "lora", LORA.to_json())
         for node, verdict in zip(run.fed.nodes, run.results[0].verdicts, strict=True):
@@ -107,19 +130,9 @@ def test_method_runs_on_the_embedded_platform_and_audits(name, tmp_path, icd_bas
     check_method(run_and_audit(name, icd_base, clients, EmbeddedStore(tmp_path / "store")))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, anvil):
-    """The local stack: the module's real anvil and a real IPFS node."""
-    require(ipfs_daemon.ipfs_command, ipfs_daemon.IpfsDaemonError, "IPFS node")
-    state_dir = tmp_path_factory.mktemp("ipfs")
-    handle = ipfs_daemon.start(state_dir, api_port=free_port())
-    yield anvil, handle
-    ipfs_daemon.stop(state_dir)
-
-
 @pytest.mark.parametrize("name", list(METHODS))
-def test_method_runs_on_the_local_stack_and_audits(name, stack, icd_base, clients):
-    anvil, ipfs = stack
+def test_method_runs_on_the_local_stack_and_audits(name, local_stack, icd_base, clients):
+    anvil, ipfs = local_stack
     check_method(run_and_audit(name, icd_base, clients, IpfsHttpStore(ipfs.api_url, timeout_s=30),
                                connect(anvil.url)))
 
@@ -136,7 +149,7 @@ def _round_with(run: Run, forge) -> dict[str, Reason]:
         state, config = forge(node, rec)
         meta = adapter_metadata(run.fed.federation_id, rec.round_id, node.address, run.rules.base_model, config,
                                 "update")
-        node.publish_and_submit(rec.round_id, pack_adapter(state, meta), 16, {})
+        node.publish_and_submit(rec.round_id, pack_adapter(state, meta), 16, metrics_for(node, rec.round_id, 16))
     result = run.fed.finalize(rec)
     return {v.submission.node: v.reason for v in result.verdicts}
 

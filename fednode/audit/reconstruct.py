@@ -160,6 +160,10 @@ def run_audit(w3: Web3, deployment: Deployment, store: Storage | None = None, ve
     sources = Sources(store, watch)
     chain = Reconstruction(w3, deployment, sources, watch, page)
     head = chain.read_chain()
+    history = chain.history
+    sources.prefetch([p.metadata_digest for p in history.participants.values()]
+                     + [r.rules_digest for r in history.rounds.values()]
+                     + [s.metrics_digest for r in history.rounds.values() for s in r.submissions])
     participants = chain.participants()
     hospitals = {p.address: p.hospital for p in participants}
     records = [chain.history.rounds[r] for r in sorted(chain.history.rounds)]

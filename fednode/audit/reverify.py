@@ -11,7 +11,9 @@ from ..protocol.merge import MergedRound
 from ..protocol.packaging import unpack_adapter
 from ..protocol.publish import PublishError
 from ..protocol.rules import RulesError
-from ..protocol.verify import Reason, RoundContext, Verdict, check_participant, fetch_submission, verify_bytes
+from ..protocol.screening import screen
+from ..protocol.verify import (UNAVAILABLE_REASONS, Reason, RoundContext, Verdict, check_declared, check_metrics,
+                               check_participant, fetch_submission, verify_bytes)
 from ..storage import StorageUnreachable
 from ..storage.cid import cid_digest, cid_of
 from ..strategies.base import AggregateError
@@ -22,11 +24,15 @@ from .sources import Sources
 
 
 def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) -> tuple[Verdict, Verdict, bool]:
-    """(verdict the rules give, verdict on the bytes alone, whether the store served the bytes its CID names).
-    The bytes are checked even when the sender's status already rejects the update, so that a merged update
-    of a revoked node can be recomputed when explaining a mismatching global adapter."""
-    early = check_participant(sub, ctx)
+    """(verdict the rules give on the submission by itself, verdict on its bytes alone, whether the verdict is
+    determined: not UNAVAILABLE, and the store served the bytes its CID names). The bytes are checked even when
+    an earlier check already rejects the update, so that a merged update of a revoked node can be recomputed when
+    explaining a mismatching global adapter."""
     with sources.watch("fetch"):
+        try:
+            early = check_participant(sub, ctx) or check_declared(sub, ctx) or check_metrics(sub, sources.store, ctx)
+        except StorageUnreachable as exc:
+            early = Verdict(sub, Reason.METRICS_UNAVAILABLE, str(exc))
         try:
             cid, fetched = fetch_submission(sub, sources.store, ctx)
         except StorageUnreachable as exc:
@@ -37,7 +43,9 @@ def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) ->
     else:
         with sources.watch("verification"):
             content = verify_bytes(sub, fetched, ctx)
-    return early or content, content, intact or early is not None
+    if early is not None:
+        return early, content, early.reason not in UNAVAILABLE_REASONS
+    return content, content, intact
 
 
 def reverify_round(rec: RoundRecord, ra: RoundAudit, sources: Sources, history: History,
@@ -58,23 +66,35 @@ def reverify_round(rec: RoundRecord, ra: RoundAudit, sources: Sources, history: 
     f = rec.finalized
     inputs = RoundInputs(rules, start[0], server_state, rec.submissions, federation_id, rec.round_id, f.aggregator)
     # the aggregator verified before it sent finalize: a revocation mined before the finalize block binds it
-    ctx = RoundContext(federation_id, rec.round_id, rules, inputs.start, history.participants, f.block_number - 1)
-    undetermined, excluded = set(), set()
-    for sub, sa in zip(rec.submissions, ra.submissions, strict=True):
+    ctx = RoundContext(federation_id, rec.round_id, rules, inputs.start, history.participants, f.block_number - 1,
+                       sources.cards(history.participants))
+    now, undetermined, excluded = [], set(), set()  # per position: (verdict now, verdict for screening, content)
+    for sub in rec.submissions:
         verdict, content, determined = reverify_submission(sub, ctx, sources)
-        sa.recomputed, sa.detail, sa.update_norm = verdict.reason.name, verdict.detail, content.update_norm
         if content.accepted:
             inputs.content[sub.index] = content
-        onchain = f.verdicts[sub.index]
-        if verdict.reason == onchain:
-            continue
-        who = f"update #{sub.index} from {sa.hospital or sub.node}"
-        if onchain == Reason.UNAVAILABLE:  # availability at aggregation time cannot be re-checked later
+        onchain, screened_as = f.verdicts[sub.index], verdict
+        if onchain in UNAVAILABLE_REASONS and verdict.reason != onchain:  # availability then cannot be re-checked
             excluded.add(sub.index)
-            ra.notes.append(f"{who} was rejected as UNAVAILABLE at aggregation time; verification now gives "
-                            f"{verdict.reason.name}")
-        elif not determined:
+            screened_as = Verdict(sub, Reason(onchain), verdict.detail)  # the aggregator did not have it
+        elif not determined and verdict.reason != onchain:
             undetermined.add(sub.index)
+        now.append((verdict, screened_as, content))
+    screening = [v for _, v, _ in now]
+    if not undetermined & set(ra.result.merged):  # else a merged update is missing: screening cannot be redone
+        screening = screen(screening, inputs.start, rules)
+    for pos, ((verdict, _, content), sa, sub) in enumerate(zip(now, ra.submissions, rec.submissions, strict=True)):
+        if sub.index not in excluded:
+            verdict = screening[pos]
+        sa.recomputed, sa.detail, sa.update_norm = verdict.reason.name, verdict.detail, content.update_norm
+        onchain = f.verdicts[sub.index]
+        who = f"update #{sub.index} from {sa.hospital or sub.node}"
+        if sub.index in excluded:
+            ra.notes.append(f"{who} was rejected as {Reason(onchain).name} at aggregation time; verification now "
+                            f"gives {verdict.reason.name}")
+        elif verdict.reason == onchain:
+            continue
+        elif sub.index in undetermined:
             sa.status = Status.UNAVAILABLE
             served = "the store serves other bytes under this CID: " if content.reason in (
                 Reason.SHA256_MISMATCH, Reason.CID_MISMATCH) else ""

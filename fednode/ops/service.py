@@ -106,6 +106,7 @@ def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log
     f = p.config.federation
     watch = Stopwatch()
     agg = Aggregator(p.federation, p.store, p.rules, watch, log=log)
+    agg.check_quorum(f.min_updates)  # before anything is published or sent
     finalized, waiting = [], set()  # rounds waiting for their deadline (said once each)
 
     def opened(rec: RoundRecord, start: str) -> None:

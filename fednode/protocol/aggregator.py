@@ -8,12 +8,16 @@ from chain.clients import Federation
 from chain.transactions import Receipt
 
 from ..storage import Storage
+from ..storage.caching import CachingStore, prefetch
+from ..storage.cid import cid_from_digest
 from ..timing import Stopwatch
+from .documents import MAX_DOCUMENT_BYTES, ModelCard, read_cards
 from .ledger import Ledger, RoundRecord
 from .merge import accepted_updates, merge_round
 from .packaging import pack_global
 from .publish import fetch_adapter, fetch_server_state, publish_bytes
 from .rules import FederationRules
+from .screening import screen
 from .verify import RoundContext, Verdict, verify_submission
 
 
@@ -47,6 +51,7 @@ class Aggregator:
         self.stopwatch = stopwatch or Stopwatch()
         self.log = log
         self._rules_published = False
+        self._cards: dict[bytes, ModelCard | str] = {}
 
     def publish_global(self, round_id: int, state: dict, server_state: dict | None = None
                        ) -> tuple[str, bytes, bytes]:
@@ -61,8 +66,16 @@ class Aggregator:
                 publish_bytes(self.store, server_state_data)
             return publish_bytes(self.store, data)
 
+    def check_quorum(self, min_updates: int) -> None:
+        """Refuse a quorum below what the round's rule can merge (Krum needs 2f + 3 updates, ...)."""
+        needed = self.rules.strategy().min_updates
+        if min_updates < needed:
+            raise AggregatorError(f"{self.rules.aggregation} merges at least {needed} updates a round, but the quorum "
+                                  f"(min_updates) is {min_updates}: raise min_updates to {needed} or more")
+
     def open_round(self, base_cid_digest: bytes, base_sha256: bytes, duration_s: int, min_updates: int,
                    allow_below_quorum: bool = True) -> RoundRecord:
+        self.check_quorum(min_updates)
         if not self._rules_published:
             with self.stopwatch("storage"):
                 publish_bytes(self.store, self.rules.to_bytes())
@@ -102,8 +115,14 @@ class Aggregator:
         if start is None:
             start, _ = self.start_adapter(rec)
         with self.stopwatch("verification"):
-            ctx = RoundContext(self.federation_id, rec.round_id, self.rules, start, history.participants, as_of)
-            verdicts = [verify_submission(s, self.store, ctx) for s in sorted(rec.submissions, key=lambda s: s.index)]
+            store = CachingStore(self.store)  # the round's documents at once, in parallel: one timeout for many
+            prefetch(store, [cid_from_digest(s.metrics_digest, "raw") for s in rec.submissions]
+                     + [cid_from_digest(p.metadata_digest, "raw") for p in history.participants.values()
+                        if p.metadata_digest not in self._cards], MAX_DOCUMENT_BYTES)
+            ctx = RoundContext(self.federation_id, rec.round_id, self.rules, start, history.participants, as_of,
+                               read_cards(store, history.participants, self._cards))
+            ordered = sorted(rec.submissions, key=lambda s: s.index)
+            verdicts = screen([verify_submission(s, store, ctx) for s in ordered], start, self.rules)
         for v in verdicts:
             status = "accepted" if v.accepted else f"REJECTED {v.reason.name}"
             self.log(f"round {rec.round_id} update #{v.submission.index} from {v.submission.node}: {status} "
@@ -117,6 +136,10 @@ class Aggregator:
         if not accepted:
             raise AggregatorError(f"round {rec.round_id}: no update passed verification; cancel it after its "
                                   "deadline")
+        needed = self.rules.strategy().min_updates
+        if len(accepted) < needed:
+            raise AggregatorError(f"round {rec.round_id}: {len(accepted)} accepted updates, but "
+                                  f"{self.rules.aggregation} merges at least {needed}; cancel it after its deadline")
         if len(accepted) < rec.min_updates and not (rec.allow_below_quorum and self.deadline_passed(rec)):
             raise AggregatorError(f"round {rec.round_id}: {len(accepted)} accepted updates, fewer than its quorum "
                                   f"{rec.min_updates}" + ("; it may close below quorum after its deadline"

@@ -23,6 +23,7 @@ class Method:
     privacy: dict = field(default_factory=dict)
     adapter: str = "lora"
     client_ranks: tuple[int, ...] = ()  # hospital i trains LoRA rank client_ranks[i % len]; () = the global rank
+    server_clip: float = 0.0            # the rules' server-side clipping (multiple of the round's median norm)
 
     def global_config(self, lora: LoraSettings, prompt: PromptSettings) -> dict:
         return (lora if self.adapter == "lora" else prompt).to_json()
@@ -36,7 +37,13 @@ class Method:
     def rules(self, base_digest: str, lora: LoraSettings, prompt: PromptSettings, **overrides) -> FederationRules:
         return FederationRules(base_model=base_digest, lora=self.global_config(lora, prompt),
                                aggregation=self.aggregation, params=self.params, client=self.client,
-                               privacy=self.privacy, adapter=self.adapter, **overrides)
+                               privacy=self.privacy, adapter=self.adapter, server_clip=self.server_clip,
+                               **overrides)
+
+    @property
+    def min_clients(self) -> int:
+        """The fewest hospitals a round of this method needs (Krum: 2f + 3)."""
+        return self.rules("00" * 32, LoraSettings(), PromptSettings()).strategy().min_updates
 
 
 def _dp(noise_multiplier: float) -> Method:
@@ -65,6 +72,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            client={"local_rank": 4, "orthogonal_lambda": 1.0}),
     Method("prompt", "federated prompt tuning (peft, 8 virtual tokens), FedAvg", adapter="prompt"),
     _dp(0.01), _dp(0.1), _dp(1.0),
+    Method("median", "coordinate-wise median of the updates (robust to a minority of poisoned updates)",
+           aggregation="median"),
+    Method("trimmed_mean", "coordinate-wise mean without the 20% smallest and 20% largest values",
+           aggregation="trimmed_mean", params={"beta": 0.2}),
+    Method("krum", "Krum (f = 1): the update closest to its n - f - 2 nearest others becomes the global adapter",
+           aggregation="krum", params={"f": 1}),
+    Method("multi_krum", "Multi-Krum (f = 1): FedAvg of the 3 updates with the best Krum scores",
+           aggregation="multi_krum", params={"f": 1, "m": 3}),
+    Method("clipped_fedavg", "FedAvg of the updates clipped server-side to the round's median update norm",
+           server_clip=1.0),
 )}
 
 

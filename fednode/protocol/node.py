@@ -75,7 +75,7 @@ class Node:
     def join(self, card: dict | None = None) -> Receipt:
         """Register this node's wallet and model identity; the model card goes to storage, its digest on-chain."""
         card = {"node": self.address, "hospital": self.client.name, "base_model": self.rules.base_model,
-                "adapter": self.adapter_config, **(card or {})}
+                "adapter": self.adapter_config, "dataset_size": len(self.client.train), **(card or {})}
         with self.stopwatch("storage"):
             _, card_digest = publish_json(self.store, card)
         with self.stopwatch("chain"):

@@ -6,7 +6,6 @@ float32 little-endian data in sorted-name order. Parsing goes through safetensor
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -89,14 +88,6 @@ def _header(data: bytes) -> dict:
     if not isinstance(header, dict):
         raise AdapterError("not_safetensors", "not a safetensors file: header is not a JSON object")
     return header
-
-
-def tensor_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm, accumulated in float64 in sorted-name order."""
-    total = 0.0
-    for name in sorted(state):
-        total += float(state[name].detach().to(torch.float64).pow(2).sum())
-    return math.sqrt(total)
 
 
 def adapter_metadata(federation_id: str, round_id: int, node: str, base_model: str, lora: dict,

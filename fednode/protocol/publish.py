@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Mapping
 
 from ..canonical import canonical_json
-from ..storage import Storage, StorageError
+from ..storage import Storage, StorageError, StorageTooLarge, StorageUnreachable
 from ..storage.cid import CIDError, cid_digest, cid_from_digest, cid_of, normalize_cid
 from .packaging import SERVER_STATE_KEY, AdapterError, unpack_adapter
 from .rules import FederationRules, RulesError
@@ -24,13 +24,35 @@ def named_cid(cid_digest_: bytes, file_sha256: bytes) -> str:
     return cid_from_digest(cid_digest_, "raw" if cid_digest_ == file_sha256 else "dag-pb")
 
 
-def locate(store: Storage, cid_digest_: bytes, file_sha256: bytes) -> str:
-    """The CID an on-chain (CID digest, sha256) pair names in `store`. Whichever codec the store holds wins, so a
-    submission whose two digests disagree is still fetched and then rejected for the mismatch, not as
-    unavailable."""
+def candidates(store: Storage, cid_digest_: bytes, file_sha256: bytes) -> list[str]:
+    """The CIDs an on-chain (CID digest, sha256) pair may name in `store`, most likely first: the codec the digests
+    imply, then the other one if the store reports having it. A store keyed by multihash (js-ipfs, Kubo) reports
+    both, so only fetching tells them apart (`fetch_named`)."""
     guess = named_cid(cid_digest_, file_sha256)
     other = cid_from_digest(cid_digest_, "dag-pb" if cid_digest_ == file_sha256 else "raw")
-    return next((cid for cid in (guess, other) if store.has(cid)), guess)
+    held = [cid for cid in (guess, other) if store.has(cid)]
+    return held or [guess]
+
+
+def locate(store: Storage, cid_digest_: bytes, file_sha256: bytes) -> str:
+    """The CID an on-chain (CID digest, sha256) pair most likely names in `store`."""
+    return candidates(store, cid_digest_, file_sha256)[0]
+
+
+def fetch_named(store: Storage, cid_digest_: bytes, file_sha256: bytes, max_bytes: int) -> tuple[str, bytes]:
+    """The CID and the stored bytes an on-chain digest pair names: the first candidate the store serves, so a
+    submission whose two digests disagree is still fetched and then rejected for the mismatch, not as
+    unavailable. StorageError (of the first candidate) when none is served; StorageTooLarge and
+    StorageUnreachable at once."""
+    first: StorageError | None = None
+    for cid in candidates(store, cid_digest_, file_sha256):
+        try:
+            return cid, store.get(cid, max_bytes=max_bytes)
+        except (StorageTooLarge, StorageUnreachable):
+            raise
+        except StorageError as exc:
+            first = first or exc
+    raise first
 
 
 def publish_bytes(store: Storage, data: bytes) -> tuple[str, bytes, bytes]:
@@ -49,9 +71,12 @@ def publish_json(store: Storage, value) -> tuple[str, bytes]:
 
 
 def fetch_verified(store: Storage, cid_digest_: bytes, sha256: bytes, max_bytes: int) -> bytes:
+    """The bytes an on-chain digest pair names, checked against both digests (PublishError); StorageUnreachable
+    when the store does not answer at all."""
     try:
-        cid = locate(store, cid_digest_, sha256)
-        data = store.get(cid, max_bytes=max_bytes)
+        cid, data = fetch_named(store, cid_digest_, sha256, max_bytes)
+    except StorageUnreachable:
+        raise
     except StorageError as exc:
         raise PublishError(str(exc)) from None
     if hashlib.sha256(data).digest() != sha256:

@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from ..learning.privacy import DPSettings
     from ..strategies.base import State, Strategy
 
-RULES_VERSION = 2  # 2: `merge_order` (version 1 documents name none and mean submission order)
+RULES_VERSION = 2  # 2 adds merge_order, copy_threshold, max_weight_share, server_clip and the checks of declared
+# sample counts and metrics documents; version 1 documents name none of these and mean LEGACY
 MERGE_ORDERS = ("sha256", "submission")
+LEGACY = {"merge_order": "submission", "copy_threshold": 0.0, "max_weight_share": 1.0, "server_clip": 0.0}
 __all__ = ["RULES_VERSION", "FederationRules", "RulesError"]
 
 
@@ -42,14 +44,27 @@ class FederationRules:
     # adds (FedProx, frozen A, a private orthogonal adapter); {} = plain local training
     merge_order: str = "sha256"           # the order updates are summed in: "sha256" (by file digest: the same
     # accepted updates give the same global adapter whatever order they arrived in) or "submission" (on-chain order)
+    copy_threshold: float = 0.01          # an update within this fraction of its own norm of an earlier update of
+    # the round (COPIED) or of the start adapter (NO_CHANGE, relative to the round's median norm) is rejected; 0 = off
+    max_weight_share: float = 1.0         # no update's merge weight above this share of the total (the excess goes
+    # to the others in proportion); 1 = uncapped
+    server_clip: float = 0.0              # each update's delta clipped to this multiple of the round's median update
+    # norm before the rule merges it; 0 = off
     version: int = RULES_VERSION
 
     def __post_init__(self):
         if self.version not in (1, RULES_VERSION):
             raise RulesError(f"rules version {self.version!r} is not one this fedchain reads (1 or {RULES_VERSION})")
-        if self.merge_order not in MERGE_ORDERS or (self.version == 1 and self.merge_order != "submission"):
-            raise RulesError(f"merge_order must be one of {', '.join(MERGE_ORDERS)} (version 1 rules: submission), "
-                             f"got {self.merge_order!r}")
+        if self.version == 1 and any(getattr(self, k) != v for k, v in LEGACY.items()):
+            raise RulesError(f"version 1 rules have no {', '.join(LEGACY)}")
+        if self.merge_order not in MERGE_ORDERS:
+            raise RulesError(f"merge_order must be one of {', '.join(MERGE_ORDERS)}, got {self.merge_order!r}")
+        for name, valid, expected in (("copy_threshold", lambda v: 0 <= v < 1, "in [0, 1)"),
+                                      ("max_weight_share", lambda v: 0 < v <= 1, "in (0, 1]"),
+                                      ("server_clip", lambda v: 0 <= v < math.inf, "a finite number >= 0")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+                raise RulesError(f"{name} must be {expected}, got {value!r}")
         if self.weighting not in ("num_samples", "uniform"):
             raise RulesError(f"weighting must be 'num_samples' or 'uniform', got {self.weighting!r}")
         if not self.max_update_norm > 0:
@@ -98,7 +113,8 @@ class FederationRules:
         `strategy.server_state`; None in the first round and always for a stateless rule)."""
         from ..strategies.registry import build  # imports torch: only when a rule is applied
 
-        return build(self.aggregation, self.params, self.weighting, self.lora, server_state, self.merge_order)
+        return build(self.aggregation, self.params, self.weighting, self.lora, server_state, self.merge_order,
+                     self.max_weight_share, self.server_clip)
 
     def norm_bound(self, num_params: int) -> float:
         """The L2 bound an update of `num_params` numbers must meet: max_update_norm, raised under client-side DP
@@ -113,7 +129,8 @@ class FederationRules:
         """The canonical document; a version 1 document comes out exactly as it was published (no merge_order)."""
         fields = asdict(self)
         if self.version == 1:
-            del fields["merge_order"]
+            for name in LEGACY:
+                del fields[name]
         return canonical_json(fields)
 
     def digest(self) -> bytes:
@@ -123,10 +140,10 @@ class FederationRules:
     def from_bytes(cls, data: bytes) -> "FederationRules":
         try:
             fields = json.loads(data)
-            if fields.get("version") == 1:
-                if "merge_order" in fields:
-                    raise TypeError("version 1 rules name no merge_order")
-                fields["merge_order"] = "submission"
+            if isinstance(fields, dict) and fields.get("version") == 1:
+                if LEGACY.keys() & fields.keys():
+                    raise TypeError(f"version 1 rules name none of {', '.join(LEGACY)}")
+                fields.update(LEGACY)
             return cls(**fields)
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
             raise RulesError(f"not a fedchain rules document: {exc}") from None

@@ -1,22 +1,27 @@
-"""Verification of one submitted update against the chain record, the stored bytes and the round's rules.
+"""Verification of one submitted update against the chain record, the stored bytes and the round's rules; the checks
+that compare the updates of a round with each other are in `fednode.protocol.screening`.
 
-Each rejection has a reason code that goes on-chain in the round's verdicts (0 = merged)."""
+Each rejection has a reason code that goes on-chain in the round's verdicts (0 = merged). The checks added with
+rules version 2 (declared sample counts, the metrics document, copies) do not apply to version 1 rounds, so their
+histories re-verify as they were."""
 from __future__ import annotations
 
 import enum
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..learning.lora_math import truncate
 from ..learning.settings import ADAPTERS, SettingsError
+from ..numerics import distance
 from ..storage import Storage, StorageError, StorageTooLarge, StorageUnreachable
 from ..storage.cid import cid_digest, cid_of
+from .documents import DocumentError, ModelCard, UpdateMetrics, fetch_document
 from .ledger import ParticipantRecord, Submission
-from .packaging import AdapterError, tensor_norm, unpack_adapter
-from .publish import locate
+from .packaging import AdapterError, unpack_adapter
+from .publish import fetch_named, locate
 from .rules import FederationRules
 
 
@@ -38,6 +43,15 @@ class Reason(enum.IntEnum):
     NON_FINITE = 14       # NaN or infinity in a tensor
     NORM_TOO_LARGE = 15   # ||update - global|| over the rules' bound
     FROZEN_CHANGED = 16   # a LoRA A matrix differs from the global's although the rules freeze A (FFA-LoRA)
+    SAMPLES_OVER_DECLARED = 17  # claims more samples than the training set its model card declared at join
+    COPIED = 18           # (near-)identical to an earlier update of the round: a free-rider's copy
+    NO_CHANGE = 19        # (near-)equal to the round's start adapter: nothing was trained
+    METRICS_UNAVAILABLE = 20  # the update's metrics document cannot be fetched from storage
+    BAD_METRICS = 21      # the metrics document does not fit its schema or contradicts the submission
+
+
+UNAVAILABLE_REASONS = (Reason.UNAVAILABLE, Reason.METRICS_UNAVAILABLE)  # availability when aggregated: not
+# something a later re-check can judge
 
 
 @dataclass(frozen=True)
@@ -55,8 +69,8 @@ class Verdict:
 
 
 def update_norm(state: dict, start: dict) -> float:
-    """L2 norm of state - start, accumulated in float64 in sorted key order."""
-    return tensor_norm({key: state[key].to(torch.float64) - start[key].to(torch.float64) for key in start})
+    """L2 norm of state - start (float64, machine-independent: fednode.numerics)."""
+    return distance(state, start)
 
 
 @dataclass
@@ -68,6 +82,7 @@ class RoundContext:
     global_state: dict           # the adapter the round started from
     participants: dict[str, ParticipantRecord]
     as_of_block: int             # revocations at or before this block reject (the aggregation/finalize block)
+    cards: dict[str, ModelCard | str] = field(default_factory=dict)  # node -> its model card, or why there is none
 
 
 def check_participant(sub: Submission, ctx: RoundContext) -> Verdict | None:
@@ -158,19 +173,50 @@ def fetch_submission(sub: Submission, store: Storage, ctx: RoundContext) -> tupl
     """The CID a submission names and its stored bytes, or the verdict (TOO_LARGE, UNAVAILABLE) when they cannot
     be fetched within the rules' size bound. A store that does not answer at all is no verdict on the update:
     StorageUnreachable is raised."""
-    cid = locate(store, sub.cid_digest, sub.file_sha256)
     try:
-        return cid, store.get(cid, max_bytes=ctx.rules.max_adapter_bytes)
+        return fetch_named(store, sub.cid_digest, sub.file_sha256, ctx.rules.max_adapter_bytes)
     except StorageTooLarge as exc:
-        return cid, Verdict(sub, Reason.TOO_LARGE, str(exc))
+        return locate(store, sub.cid_digest, sub.file_sha256), Verdict(sub, Reason.TOO_LARGE, str(exc))
     except StorageUnreachable:
         raise
     except StorageError as exc:
-        return cid, Verdict(sub, Reason.UNAVAILABLE, str(exc))
+        return locate(store, sub.cid_digest, sub.file_sha256), Verdict(sub, Reason.UNAVAILABLE, str(exc))
+
+
+def check_declared(sub: Submission, ctx: RoundContext) -> Verdict | None:
+    """Rules version 2: the sample count a submission claims must not exceed the training-set size its node
+    declared in the model card it joined with (the card's digest is on-chain since the join)."""
+    if ctx.rules.version < 2:
+        return None
+    card = ctx.cards.get(sub.node, "no model card was read for it")
+    if isinstance(card, str):
+        return Verdict(sub, Reason.SAMPLES_OVER_DECLARED, f"no declared training-set size: {card}")
+    if sub.num_samples > card.dataset_size:
+        return Verdict(sub, Reason.SAMPLES_OVER_DECLARED, f"claims {sub.num_samples} samples, its model card "
+                                                          f"declares a training set of {card.dataset_size}")
+    return None
+
+
+def check_metrics(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict | None:
+    """Rules version 2: the metrics document is part of the submission: it must be in storage, fit its schema and
+    agree with the submission (round, node, samples, and privacy accounting exactly when the rules ask for DP)."""
+    if ctx.rules.version < 2:
+        return None
+    try:
+        metrics = fetch_document(store, sub.metrics_digest, UpdateMetrics)
+    except DocumentError as exc:
+        return Verdict(sub, Reason.METRICS_UNAVAILABLE if exc.missing else Reason.BAD_METRICS, str(exc))
+    wrong = [f"{name} is {got!r}, the submission says {want!r}" for name, got, want in (
+        ("round", metrics.round, sub.round_id), ("node", metrics.node.lower(), sub.node.lower()),
+        ("samples", metrics.samples, sub.num_samples)) if got != want]
+    if (metrics.privacy is None) != (ctx.rules.dp is None):
+        wrong.append("privacy accounting is " + ("missing" if metrics.privacy is None else "given without DP rules"))
+    return Verdict(sub, Reason.BAD_METRICS, "metrics " + wrong[0]) if wrong else None
 
 
 def verify_submission(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict:
-    early = check_participant(sub, ctx)
+    """The verdict on one submission by itself: its sender, its declared samples, its metrics, its bytes."""
+    early = check_participant(sub, ctx) or check_declared(sub, ctx) or check_metrics(sub, store, ctx)
     if early is not None:
         return early
     _, fetched = fetch_submission(sub, store, ctx)

@@ -32,18 +32,39 @@ class WeightedUpdate:
 
 @dataclass(frozen=True)
 class Param:
-    """A rule parameter: its default and its range, > 0 or (when `fraction`) in [0, 1)."""
+    """A rule parameter: its default and its range, > 0 or (when `fraction`) in [0, 1); `integer` ones are whole
+    numbers >= 1."""
 
     default: float
     fraction: bool = False
+    integer: bool = False
 
     def check(self, rule: str, name: str, value) -> float:
+        if self.integer:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RulesError(f"{rule} parameter {name} must be a whole number >= 1, got {value!r}")
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RulesError(f"{rule} parameter {name} must be a finite number, got {value!r}")
         if not (0 <= value < 1 if self.fraction else value > 0):
             raise RulesError(f"{rule} parameter {name} must be {'in [0, 1)' if self.fraction else '> 0'}, "
                              f"got {value}")
         return float(value)
+
+
+def capped_shares(shares: list[float], cap: float) -> list[float]:
+    """Weights summing to 1 with none above `cap` (at least 1/n): every weight over it is set to it and the rest is
+    shared among the others in proportion to their weights, repeated until none is over (water-filling)."""
+    cap = max(cap, 1.0 / len(shares))
+    fixed: set[int] = set()
+    while True:
+        free = sum(w for i, w in enumerate(shares) if i not in fixed)
+        budget = 1.0 - cap * len(fixed)
+        scaled = [cap if i in fixed else w * budget / free for i, w in enumerate(shares)]
+        over = {i for i, w in enumerate(scaled) if i not in fixed and w > cap}
+        if not over:
+            return scaled
+        fixed |= over
 
 
 class Strategy(Protocol):
@@ -55,6 +76,7 @@ class Strategy(Protocol):
     params: dict[str, float]
     server_state: State | None
     tolerance: float
+    min_updates: int  # the fewest accepted updates the rule can merge
 
     def aggregate_train(self, start: State, updates: list[WeightedUpdate]) -> State:
         """The new global adapter from the round's start adapter and its accepted updates."""

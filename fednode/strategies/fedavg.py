@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import AggregateError, Param, RulesError, WeightedUpdate
+from .base import AggregateError, Param, RulesError, WeightedUpdate, capped_shares
 
 State = dict[str, torch.Tensor]
 ORDERS = {"sha256": lambda u: (u.file_sha256, u.index), "submission": lambda u: u.index}
@@ -24,7 +24,8 @@ class FedAvg:
     tolerance = 0.0  # bit-exact
 
     def __init__(self, weighting: str = "num_samples", server_state: State | None = None,
-                 adapter_config: dict | None = None, *, order: str = "sha256", **params: float):
+                 adapter_config: dict | None = None, *, order: str = "sha256", max_weight_share: float = 1.0,
+                 **params: float):
         unknown = sorted(set(params) - set(self.params_spec))
         if unknown:
             known = ", ".join(sorted(self.params_spec)) or "none"
@@ -33,18 +34,26 @@ class FedAvg:
             raise RulesError(f"merge_order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.weighting = weighting
         self.order = order
+        self.max_weight_share = max_weight_share
         self.params = {k: spec.check(self.name, k, params.get(k, spec.default)) for k, spec in self.params_spec.items()}
         self.server_state = server_state
         self.adapter_config = adapter_config  # the global adapter's config (the rules' `lora`)
 
+    @property
+    def min_updates(self) -> int:
+        return 1
+
     def weights(self, updates: list[WeightedUpdate]) -> list[float]:
+        """Each update's share: by samples or uniform, capped at max_weight_share (base.capped_shares)."""
         raw = [float(u.num_samples) if self.weighting == "num_samples" else 1.0 for u in updates]
         total = sum(raw)
-        return [w / total for w in raw]
+        shares = [w / total for w in raw]
+        return shares if self.max_weight_share >= 1 else capped_shares(shares, self.max_weight_share)
 
     def _ordered(self, updates: list[WeightedUpdate]) -> tuple[list[WeightedUpdate], list[float]]:
-        if not updates:
-            raise AggregateError("no accepted updates to aggregate")
+        if len(updates) < self.min_updates:
+            raise AggregateError(f"{self.name} merges at least {self.min_updates} updates, got {len(updates)}"
+                                 if updates else "no accepted updates to aggregate")
         ordered = sorted(updates, key=ORDERS[self.order])
         return ordered, self.weights(ordered)
 
