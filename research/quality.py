@@ -209,7 +209,7 @@ def train_federated(base, spec: Method, cfg: BenchConfig, clients: Sequence[Clie
         setup_started = time.perf_counter()
         trainer, trainers = method_trainers(base, spec, cfg.lora, cfg.prompt, len(clients))
         initial = trainer.initial_state(train.seed)
-        rules = spec.rules(base.digest, cfg.lora, cfg.prompt, rounds=cfg.rounds)
+        rules = spec.rules(base.digest, cfg.lora, cfg.prompt, train, rounds=cfg.rounds)
         fed = EmbeddedFederation.create(trainers, clients, rules, train, EmbeddedStore(Path(store_dir)), watch)
         nodes = fed.nodes
         fed.start(initial)
@@ -238,7 +238,7 @@ def train_federated(base, spec: Method, cfg: BenchConfig, clients: Sequence[Clie
                 log(f"  WARNING {spec.name} round {r}: verdicts {stats[-1]['verdicts']}")
             log(f"  {spec.name} round {r}: {len(result.accepted)}/{len(nodes)} merged, {wall:.1f} s (training "
                 f"{seconds.get('training', 0.0):.1f} s, platform {platform:.2f} s = {platform / wall:.1%})")
-    privacy = {} if rules.dp is None else {"privacy": accountant(rules.dp, cfg.rounds)}
+    privacy = {} if not rules.private else {"privacy": accountant(rules, cfg.rounds, stats)}
     return checkpoints, {"rounds": stats, "setup_seconds": setup_seconds, "rules": json.loads(rules.to_bytes()),
                          **privacy}
 
@@ -260,9 +260,10 @@ def round_measures(rules, updates: Sequence, result) -> dict:
     residual against the weighted mean of the accepted updates' products (lora_math.aggregation_error)."""
     accepted = result.accepted
     out: dict = {"update_norms": [v.update_norm for v in accepted]}
-    if rules.dp is not None:
-        out["privacy"] = [{k: u.metrics["privacy"][k] for k in ("epsilon", "pre_clip_norm", "clipped")}
-                          for u in updates]
+    if rules.private:
+        keys = ("epsilon", "pre_clip_norm", "clipped") if rules.dp else ("epsilon", "noise_multiplier",
+                                                                         "sampling_rate", "clipped_fraction")
+        out["privacy"] = [{k: u.metrics["privacy"][k] for k in keys} for u in updates]
     if rules.adapter == "lora":
         samples = sum(v.submission.num_samples for v in accepted)
         out["aggregation_error"] = aggregation_error([(v.state, v.adapter_config) for v in accepted],
@@ -271,10 +272,15 @@ def round_measures(rules, updates: Sequence, result) -> dict:
     return out
 
 
-def accountant(dp, rounds: int) -> dict:
+def accountant(rules, rounds: int, stats: Sequence[dict]) -> dict:
     """The DP settings and the RDP accountant's epsilon after `rounds` rounds at their delta (what nodes report;
-    PLD is not used: at noise multiplier 0.01 its discretization exhausts memory)."""
-    return {**dp.to_json(), "rounds": rounds, "accountant": "rdp", "epsilon": epsilon(dp, rounds)}
+    PLD is not used: at noise multiplier 0.01 its discretization exhausts memory). Record-level DP: the largest
+    epsilon any hospital reported after the last round (each has its own sampling rate)."""
+    if rules.dp is not None:
+        return {**rules.dp.to_json(), "rounds": rounds, "accountant": "rdp", "epsilon": epsilon(rules.dp, rounds)}
+    last = stats[-1]["privacy"]
+    return {**rules.record_dp.to_json(), "rounds": rounds, "accountant": "rdp",
+            "epsilon": max(p["epsilon"] for p in last), "noise_multipliers": [p["noise_multiplier"] for p in last]}
 
 
 def _train_stats(metrics: Mapping[str, Mapping]) -> dict[str, dict]:

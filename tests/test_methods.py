@@ -44,7 +44,7 @@ class Run:
     def __init__(self, name: str, base, clients, store, w3=None, private_dir=None):
         self.method = method(name)
         self.global_trainer, trainers = method_trainers(base, self.method, LORA, PROMPT, len(clients))
-        self.rules = self.method.rules(base.digest, LORA, PROMPT, rounds=ROUNDS, max_adapter_bytes=1 << 20)
+        self.rules = self.method.rules(base.digest, LORA, PROMPT, TRAIN, rounds=ROUNDS, max_adapter_bytes=1 << 20)
         self.store = store
         self.fed = EmbeddedFederation.create(trainers, clients, self.rules, TRAIN, store, w3=w3)
         if private_dir is not None:
@@ -74,6 +74,7 @@ def run_and_audit(name, base, clients, store, w3=None) -> Run:
         assert [v.reason for v in result.verdicts] == [Reason.ACCEPTED] * len(clients), result.verdicts
     report = run_audit(run.fed.w3, run.fed.deployment, store, verify=True)
     assert report.ok and [r.status for r in report.rounds] == [Status.VERIFIED] * ROUNDS, report.summary()
+    assert not [n for r in report.rounds for n in r.notes if "claim epsilon" in n]  # every epsilon reproduced
     return run
 
 
@@ -99,6 +100,9 @@ def check_method(run: Run) -> None:
     if m.privacy:
         eps = [u.metrics["privacy"]["epsilon"] for u in run.updates[-1]]
         assert all(e > 0 for e in eps) and len(set(eps)) == 1
+    if m.privacy.get("target_epsilon"):  # calibrated for the rules' rounds: the budget is spent, to within 1%
+        assert eps[0] == pytest.approx(m.privacy["target_epsilon"], rel=0.01) and eps[0] <= m.privacy["target_epsilon"]
+        assert all(v.update_norm > 0 for v in last.verdicts)
     if m.aggregation == "krum":  # one of the updates becomes the global adapter, exactly
         assert any(all(torch.equal(last.state[k], run.stored(u)[0][k]) for k in last.state) for u in run.updates[-1])
     if m.aggregation in ("median", "trimmed_mean"):  # every coordinate within the updates' range

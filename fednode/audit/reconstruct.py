@@ -118,22 +118,42 @@ class Reconstruction:
             ra.find(Status.MISMATCH, "resultOf differs from the RoundFinalized event")
 
 
-def check_privacy(rules: FederationRules, ra: RoundAudit) -> None:
-    """Recompute the epsilon every update of a DP round carries (the accountant over rounds 1..this one at the
-    rules' delta) and note any published metrics that claim another."""
-    dp = rules.dp
-    if dp is None:
-        return
-    from ..learning.privacy import epsilon
+def check_privacy(rules: FederationRules, ra: RoundAudit, history: History, cards: dict) -> None:
+    """Recompute the epsilon every update of a DP round claims and note any published metrics that claim another:
+    hospital-level DP over rounds 1..this one at the rules' delta; record-level DP (DP-SGD) per hospital, over the
+    rounds it took part in so far, at the sampling rate its declared training-set size gives."""
+    if rules.dp is not None:
+        from ..learning.privacy import epsilon
 
-    eps = epsilon(dp, ra.round_id)
-    ra.privacy = {"epsilon": eps, "delta": dp.delta, "noise_multiplier": dp.noise_multiplier,
-                  "clip_norm": dp.clip_norm, "accountant": "rdp", "rounds": ra.round_id}
+        dp = rules.dp
+        eps = epsilon(dp, ra.round_id)
+        ra.privacy = {"epsilon": eps, "delta": dp.delta, "noise_multiplier": dp.noise_multiplier,
+                      "clip_norm": dp.clip_norm, "accountant": "rdp", "rounds": ra.round_id}
+        expected = {s.index: eps for s in ra.submissions}
+        what = f"after {ra.round_id} rounds at delta {dp.delta:g}"
+    elif rules.record_dp is not None:
+        dp = rules.record_dp
+        expected = {}
+        for s in ra.submissions:
+            card = cards.get(s.node)
+            if isinstance(card, str) or card is None:
+                ra.notes.append(f"update #{s.index}: no declared training-set size to recompute its epsilon from")
+                continue
+            done = sum(any(u.node == s.node for u in r.submissions) for r in history.rounds.values()
+                       if r.round_id <= ra.round_id)
+            expected[s.index] = dp.epsilon(card.dataset_size, done, rules.rounds)
+        ra.privacy = {"epsilon": max(expected.values(), default=0.0), "delta": dp.delta, "mechanism": "dp_sgd",
+                      "accountant": "rdp", "per_update": {str(i): e for i, e in expected.items()}}
+        what = f"for its participation so far at delta {dp.delta:g}"
+    else:
+        return
     for s in ra.submissions:
+        if s.index not in expected:
+            continue
+        eps = expected[s.index]
         claimed = (s.metrics or {}).get("privacy", {}).get("epsilon")
         if claimed is None or abs(claimed - eps) > 1e-9 * max(1.0, eps):
-            ra.notes.append(f"update #{s.index} metrics claim epsilon {claimed}; the rules give {eps:.4g} after "
-                            f"{ra.round_id} rounds at delta {dp.delta:g}")
+            ra.notes.append(f"update #{s.index} metrics claim epsilon {claimed}; the rules give {eps:.4g} {what}")
 
 
 def _status(ra: RoundAudit, verify: bool) -> Status:
@@ -175,7 +195,7 @@ def run_audit(w3: Web3, deployment: Deployment, store: Storage | None = None, ve
             rules = sources.rules(rec.rules_digest)
             if isinstance(rules, FederationRules):
                 ra.rules = json.loads(rules.to_bytes())
-                check_privacy(rules, ra)
+                check_privacy(rules, ra, history, sources.cards(history.participants) if rules.record_dp else {})
             elif not (verify and finalized):  # a finalized round's verification reports it as a finding
                 ra.notes.append(rules)
         chain.check_commitments(rec, ra)

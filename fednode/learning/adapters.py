@@ -2,17 +2,20 @@
 and personalized LoRA's private adapter) and prompt tuning; `make_trainer` picks one by name."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from peft import PeftModel
 
+from .dp_sgd import PrivateRun
 from .models import BaseModel
 from .settings import ADAPTERS, ClientObjective, LoraSettings, PromptSettings, TrainSettings
-from .training import (ADAPTER, PLAIN, AdapterTrainer, PromptCompletion, State, TrainingError, export_params,
-                       load_params, quiet_init)
+from .training import (ADAPTER, PLAIN, AdapterTrainer, PromptCompletion, State, TrainingError, example_losses,
+                       export_params, load_params, quiet_init)
 
 LOCAL = "local"  # the private adapter of personalized LoRA
 PROMPT_KEY = "prompt_embeddings"
@@ -56,15 +59,40 @@ class LoraTrainer(AdapterTrainer):
 
     def train_personal(self, examples: Sequence[PromptCompletion], settings: TrainSettings,
                        start_state: Mapping[str, torch.Tensor], local_state: Mapping[str, torch.Tensor],
-                       progress: bool | str = True) -> tuple[State, State, dict]:
+                       progress: bool | str = True, private: PrivateRun | None = None) -> tuple[State, State, dict]:
         """Train the shared adapter from `start_state` and the private one from `local_state` together (as
         `train`, plus orthogonal_lambda * the orthogonality term); returns (state, local_state, metrics)."""
         self._require_local()
         if local_state is None:
             raise TrainingError("personalized training needs the private adapter's local_state")
         self._use_local(local_state)
-        metrics = self._fit(examples, settings, start_state, progress)
+        metrics = self._fit(examples, settings, start_state, progress, private)
         return self.adapter_state(), self.local_state(), metrics
+
+    @contextlib.contextmanager
+    def _per_example_grads(self, params: Sequence[torch.nn.Parameter]):
+        """Per-example gradients from Opacus's GradSampleModule (peft's LoRA layers are plain Linear modules, which
+        it supports), hooked onto this trainer's model for the length of the context."""
+        from opacus import GradSampleModule  # imports take ~2 s: only for DP-SGD
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+            sampled = GradSampleModule(self.model, batch_first=True, loss_reduction="sum")
+
+        def compute(input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor):
+            losses = example_losses(sampled(input_ids=input_ids, attention_mask=attention).logits, labels)
+            with warnings.catch_warnings():  # torch says its full backward hooks see no input needing a gradient
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                losses.sum().backward()
+            grads = [p.grad_sample.detach().clone() for p in params]
+            for p in params:
+                p.grad = p.grad_sample = None
+            return losses.tolist(), grads
+
+        try:
+            yield compute
+        finally:
+            sampled._close()
 
     def _require_local(self) -> dict[str, torch.nn.Parameter]:
         if not self._local:
@@ -120,6 +148,26 @@ class PromptTrainer(AdapterTrainer):
     def _logits(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """peft prepends the virtual tokens to the sequence: their logit positions are dropped."""
         return self._model_logits(input_ids, attention)[:, self.prompt.num_virtual_tokens:]
+
+    @contextlib.contextmanager
+    def _per_example_grads(self, params: Sequence[torch.nn.Parameter]):
+        """Per-example gradients by giving every example its own copy of the prompt: peft computes the prompt once
+        and repeats it over the batch, so a per-sample hook (Opacus) would see one example. The forward is peft's
+        own: the prompt rows before the input embeddings, their attention ones."""
+        [prompt] = params
+        virtual = self.prompt.num_virtual_tokens
+
+        def compute(input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor):
+            n = input_ids.shape[0]
+            copies = prompt.detach().unsqueeze(0).repeat(n, 1, 1).requires_grad_(True)
+            embeds = torch.cat([copies, self.model.word_embeddings(input_ids)], dim=1)
+            mask = torch.cat([torch.ones(n, virtual, dtype=attention.dtype, device=attention.device), attention], 1)
+            logits = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).logits[:, virtual:]
+            losses = example_losses(logits, labels)
+            losses.sum().backward()
+            return losses.tolist(), [copies.grad.detach()]
+
+        yield compute
 
 
 TRAINERS: dict[str, type[AdapterTrainer]] = {cls.adapter_type: cls for cls in (LoraTrainer, PromptTrainer)}

@@ -1,4 +1,6 @@
-"""Client-side differential privacy for LoRA updates: clip the whole update, add Gaussian noise, account for it.
+"""Hospital-level differential privacy: clip a hospital's whole update, add Gaussian noise, account for it. What it
+protects is the hospital's dataset as a whole (any change to it, one patient or all); record-level DP, which
+protects each patient record, is DP-SGD inside local training (fednode.learning.dp_sgd).
 
 Each hospital privatizes its own update before publishing it, so the aggregator's merge stays deterministic and
 auditable. The update delta = update - start is scaled onto the L2 ball of radius C (the clip norm) and every
@@ -21,7 +23,8 @@ import torch
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-MECHANISMS = ("gaussian",)
+MECHANISMS = ("hospital", "gaussian")  # "gaussian" is what rules version 1 called hospital-level DP
+RECORD_MECHANISM = "dp_sgd"
 SEED_POLICIES = ("wallet", "random")  # wallet: derived from a wallet signature (reproducible); random: os.urandom
 SENSITIVITY = 2.0  # L2 distance between two clipped deltas, in units of the clip norm
 SEED_BYTES = 32
@@ -36,14 +39,15 @@ class DPSettings:
     clip_norm: float                # C: L2 bound on the whole adapter's delta
     noise_multiplier: float         # sigma: noise std per coordinate is sigma * C
     delta: float                    # the delta at which epsilon is reported
-    mechanism: str = "gaussian"
+    mechanism: str = "hospital"
     sampling_rate: float = 1.0      # q: Poisson rate at which hospitals take part in a round; < 1 amplifies only
     # against someone who cannot see who took part (submissions are public on-chain)
     noise_seed: str = "wallet"      # seed policy, one of SEED_POLICIES
 
     def __post_init__(self):
         if self.mechanism not in MECHANISMS:
-            raise PrivacyError(f"unknown privacy mechanism {self.mechanism!r}; known: none, {', '.join(MECHANISMS)}")
+            raise PrivacyError(f"unknown privacy mechanism {self.mechanism!r}; known: none, hospital, "
+                               f"{RECORD_MECHANISM}")
         for name in ("clip_norm", "noise_multiplier", "delta", "sampling_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -61,13 +65,16 @@ class DPSettings:
 
     @classmethod
     def from_rules(cls, privacy: Mapping) -> DPSettings | None:
-        """The settings a rules' `privacy` object names; None when privacy is off (`{}` or mechanism "none")."""
+        """The hospital-level settings a rules' `privacy` object names; None when privacy is off (`{}` or mechanism
+        "none") or record-level (mechanism "dp_sgd")."""
         if not isinstance(privacy, Mapping):
             raise PrivacyError(f"privacy must be an object, got {type(privacy).__name__}")
         if not privacy:
             return None
         if "mechanism" not in privacy:
-            raise PrivacyError(f"privacy needs a mechanism (none or {', '.join(MECHANISMS)})")
+            raise PrivacyError(f"privacy needs a mechanism (none, hospital or {RECORD_MECHANISM})")
+        if privacy["mechanism"] == RECORD_MECHANISM:
+            return None
         if privacy["mechanism"] == "none":
             if len(privacy) > 1:
                 raise PrivacyError(f"mechanism 'none' takes no parameters, got {sorted(set(privacy) - {'mechanism'})}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
+from .dp_sgd import PrivateRun
 from .models import BaseModel
 from .settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
 
@@ -86,17 +87,19 @@ class AdapterTrainer(abc.ABC):
     # --- training and evaluation ---------------------------------------------------------------
 
     def train(self, examples: Sequence[PromptCompletion], settings: TrainSettings,
-              start_state: Mapping[str, torch.Tensor], progress: bool | str = True) -> tuple[State, dict]:
+              start_state: Mapping[str, torch.Tensor], progress: bool | str = True,
+              private: PrivateRun | None = None) -> tuple[State, dict]:
         """Train from `start_state` on `examples` (loss on completion tokens only, plus the objective's terms);
         returns (state, metrics).
 
         metrics: train_loss (completion loss, mean over the last epoch's worth of steps), steps, samples, tokens
         (non-padding input tokens processed), seconds, and per objective term its final unweighted value:
         proximal (sum ||w - w_start||^2 over the shared adapter) when proximal_mu > 0, orthogonality (sum over
-        modules ||A_shared @ A_local^T||_F^2) when personalized."""
+        modules ||A_shared @ A_local^T||_F^2) when personalized. With `private`, every step is a DP-SGD step
+        (fednode.learning.dp_sgd)."""
         if self.objective.personalized:
             raise TrainingError("a personalized trainer also trains its private adapter: use train_personal")
-        metrics = self._fit(examples, settings, start_state, progress)
+        metrics = self._fit(examples, settings, start_state, progress, private)
         return self.adapter_state(), metrics
 
     def evaluate(self, examples: Sequence[PromptCompletion], state: Mapping[str, torch.Tensor],
@@ -128,8 +131,10 @@ class AdapterTrainer(abc.ABC):
         return scores
 
     def _fit(self, examples: Sequence[PromptCompletion], settings: TrainSettings,
-             start_state: Mapping[str, torch.Tensor], progress: bool | str) -> dict:
-        """The training loop over the active adapters; the caller reads the trained state back."""
+             start_state: Mapping[str, torch.Tensor], progress: bool | str, private: PrivateRun | None = None) -> dict:
+        """The training loop over the active adapters; the caller reads the trained state back. A private run
+        samples its own batches and replaces each step's gradient of the completion loss by the noisy sum of
+        clipped per-example gradients; the objective's terms depend on the weights alone and are added after."""
         encoded = self._encode_all(examples, settings.max_length)
         self.load_adapter_state(start_state)
         anchor = [p.detach().clone() for p in self._params.values()]
@@ -146,31 +151,50 @@ class AdapterTrainer(abc.ABC):
         started = time.perf_counter()
         bar = tqdm(total=settings.steps, desc=progress if isinstance(progress, str) else "train",
                    disable=progress is False or not sys.stderr.isatty(), unit="step", leave=False)
-        with bar, _deterministic(settings.seed):
+        batches = private.batches(len(encoded), settings.steps) if private else \
+            _batches(len(encoded), settings.batch_size, settings.steps, gen)
+        with bar, _deterministic(settings.seed), (self._per_example_grads(params) if private else
+                                                  contextlib.nullcontext()) as per_example:
             self.model.train()
             try:
-                for batch in _batches(len(encoded), settings.batch_size, settings.steps, gen):
-                    input_ids, attention, labels = self._collate([encoded[i] for i in batch])
-                    loss_sum, count = _completion_loss(self._logits(input_ids, attention), labels)
-                    loss = loss_sum / count
-                    losses.append(loss.item())
+                for batch in batches:
+                    input_ids, attention, labels = self._collate([encoded[i] for i in batch]) if batch else (None,) * 3
+                    if private:
+                        step_losses, grads = per_example(input_ids, attention, labels) if batch else ([], [])
+                        losses += step_losses
+                        for p, g in zip(params, private.noisy_gradient(grads, [p.shape for p in params])):
+                            p.grad = g.to(p.dtype)
+                        loss = None
+                    else:
+                        loss_sum, count = _completion_loss(self._logits(input_ids, attention), labels)
+                        loss = loss_sum / count
+                        losses.append(loss.item())
                     if weights:
                         terms = self._terms(anchor, torch.float32)
-                        loss = loss + sum(w * terms[name] for name, w in weights.items())
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                        extra = sum(w * terms[name] for name, w in weights.items())
+                        loss = extra if loss is None else loss + extra
+                    if loss is not None:
+                        loss.backward()
+                    if not private:
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    tokens += int(attention.sum())
+                    tokens += int(attention.sum()) if batch else 0
                     bar.update()
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                    if losses:
+                        bar.set_postfix(loss=f"{losses[-1]:.3f}")
             finally:
                 self.model.eval()
-        last = losses[-min(per_epoch, len(losses)):]
+        last = losses[-min(per_epoch, len(losses)):] if not private else losses[-len(encoded):]
         with torch.no_grad():
             terms = {name: t.item() for name, t in self._terms(anchor, torch.float64).items()}
-        return {"train_loss": sum(last) / len(last), "steps": len(losses), "samples": len(examples),
-                "tokens": tokens, "seconds": time.perf_counter() - started, **terms}
+        return {"train_loss": sum(last) / len(last) if last else math.nan, "steps": settings.steps,
+                "samples": len(examples), "tokens": tokens, "seconds": time.perf_counter() - started, **terms}
+
+    def _per_example_grads(self, params: Sequence[torch.nn.Parameter]):
+        """A context giving `(input_ids, attention, labels) -> (per-example completion losses, one (batch, *shape)
+        gradient tensor per parameter of `params`)`, each example's gradient that of its own token-mean loss."""
+        raise TrainingError(f"this {self.adapter_type} trainer has no per-example gradients for DP-SGD")
 
     def _evaluate(self, examples: Sequence[PromptCompletion], batch_size: int, max_length: int,
                   logits_of: Logits) -> dict:
@@ -282,6 +306,15 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Itera
                 return
             yield order[start:start + batch_size]
             done += 1
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's own token-mean completion loss, shape (batch,): what DP-SGD bounds per record."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=-100, reduction="none").view(targets.shape)
+    return (ce * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def _completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -73,7 +73,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"method {chosen.name}: {chosen.description}")
 
     store = EmbeddedStore(cfg.out / "store")
-    rules = chosen.rules(base.digest, cfg.lora, cfg.prompt, rounds=cfg.rounds)
+    rules = chosen.rules(base.digest, cfg.lora, cfg.prompt, cfg.train, rounds=cfg.rounds)
     fed = EmbeddedFederation.create(trainers, clients, rules, cfg.train, store, watch)
     deployment, nodes = fed.deployment, fed.nodes
     log(f"Federation contract {deployment.address('Federation')} on the embedded chain (id {deployment.chain_id})")

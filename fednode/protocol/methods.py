@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..learning.settings import LoraSettings, PromptSettings
+from ..learning.settings import LoraSettings, PromptSettings, TrainSettings
 from .rules import FederationRules
 
 
@@ -34,11 +34,16 @@ class Method:
             return replace(lora, r=min(lora.r, self.client_ranks[index % len(self.client_ranks)])).to_json()
         return self.global_config(lora, prompt)
 
-    def rules(self, base_digest: str, lora: LoraSettings, prompt: PromptSettings, **overrides) -> FederationRules:
+    def rules(self, base_digest: str, lora: LoraSettings, prompt: PromptSettings, train: TrainSettings | None = None,
+              **overrides) -> FederationRules:
+        """The method's rules; record-level DP takes its steps and expected batch per round from `train`."""
+        privacy = self.privacy
+        if privacy.get("mechanism") == "dp_sgd":
+            train = train or TrainSettings()
+            privacy = {**privacy, "steps": train.steps, "batch_size": train.batch_size}
         return FederationRules(base_model=base_digest, lora=self.global_config(lora, prompt),
                                aggregation=self.aggregation, params=self.params, client=self.client,
-                               privacy=self.privacy, adapter=self.adapter, server_clip=self.server_clip,
-                               **overrides)
+                               privacy=privacy, adapter=self.adapter, server_clip=self.server_clip, **overrides)
 
     @property
     def min_clients(self) -> int:
@@ -47,9 +52,17 @@ class Method:
 
 
 def _dp(noise_multiplier: float) -> Method:
-    return Method(f"dp-{noise_multiplier:g}", f"FedAvg of client-side DP-LoRA updates (clip 1, sigma "
-                                              f"{noise_multiplier:g})",
-                  privacy={"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": noise_multiplier,
+    return Method(f"dp-{noise_multiplier:g}", f"FedAvg of hospital-level DP updates (the whole update clipped to 1, "
+                                              f"sigma {noise_multiplier:g})",
+                  privacy={"mechanism": "hospital", "clip_norm": 1.0, "noise_multiplier": noise_multiplier,
+                           "delta": 1e-5})
+
+
+def _dp_sgd(target_epsilon: float) -> Method:
+    return Method(f"dp_sgd-{target_epsilon:g}", f"FedAvg of record-level DP-SGD training (per-example clip 1, noise "
+                                                f"calibrated for epsilon {target_epsilon:g} at delta 1e-5 over the "
+                                                f"federation)",
+                  privacy={"mechanism": "dp_sgd", "max_grad_norm": 1.0, "target_epsilon": target_epsilon,
                            "delta": 1e-5})
 
 
@@ -71,7 +84,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("personalized", "shared LoRA + private rank-4 LoRA per hospital, orthogonality lambda 1",
            client={"local_rank": 4, "orthogonal_lambda": 1.0}),
     Method("prompt", "federated prompt tuning (peft, 8 virtual tokens), FedAvg", adapter="prompt"),
-    _dp(0.01), _dp(0.1), _dp(1.0),
+    _dp(0.01), _dp(0.1), _dp(1.0), _dp_sgd(1.0), _dp_sgd(3.0), _dp_sgd(8.0),
     Method("median", "coordinate-wise median of the updates (robust to a minority of poisoned updates)",
            aggregation="median"),
     Method("trimmed_mean", "coordinate-wise mean without the 20% smallest and 20% largest values",

@@ -2,6 +2,7 @@
 packages, publishes and anchors its update. Patient text never leaves this object."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from chain.transactions import Receipt
 from ..learning.data import ClientData
 from ..learning.lora_math import truncate
 from ..learning.models import model_identity
-from ..learning.privacy import privatize
+from ..learning.dp_sgd import PrivateRun
+from ..learning.privacy import SEED_BYTES, privatize, wallet_noise_seed
 from ..learning.settings import TrainSettings
 from ..learning.training import AdapterTrainer
 from ..storage import Storage
@@ -127,6 +129,10 @@ class Node:
         global_state = self.global_state(rec)
         start, start_eval = self.start_state(global_state), self.evaluate(rec.base_cid_digest, global_state)
         settings = replace(self.train_settings, seed=self.train_settings.seed + rec.round_id)
+        rules = self.round_rules(rec)
+        private = self.private_run(rec, rules)
+        if private is not None:  # the rules fix the steps and the batch: the accounting depends on them
+            settings = replace(settings, steps=private.settings.steps, batch_size=private.settings.batch_size)
         progress = f"{self.client.name} round {rec.round_id}"
         personal = {}
         if self.trainer.objective.personalized:
@@ -136,17 +142,20 @@ class Node:
                                                                        local_state=local)["loss"]
             with self.stopwatch("training"):
                 state, local, stats = self.trainer.train_personal(self.client.train, settings, start, local,
-                                                                  progress=progress)
+                                                                  progress=progress, private=private)
             self.private.save(rec.round_id, local)
             personal["orthogonality"] = stats["orthogonality"]
         else:
             with self.stopwatch("training"):
-                state, stats = self.trainer.train(self.client.train, settings, start, progress=progress)
+                state, stats = self.trainer.train(self.client.train, settings, start, progress=progress,
+                                                  private=private)
         metrics = {"round": rec.round_id, "node": self.address, "hospital": self.client.name,
                    "train_loss": stats["train_loss"], "steps": stats["steps"], "samples": stats["samples"],
                    "tokens": stats["tokens"], "global_eval_loss": start_eval["loss"],
                    "global_eval_perplexity": start_eval["perplexity"], **personal}
-        dp = self.round_rules(rec).dp
+        if private is not None:
+            metrics["privacy"] = private.accounting()
+        dp = rules.dp
         if dp is not None:
             with self.stopwatch("privacy"):
                 state, metrics["privacy"] = privatize(state, start, dp, self.fed.sender.account, self.federation_id,
@@ -154,6 +163,18 @@ class Node:
         meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
                                 self.adapter_config, "update")
         return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)
+
+    def private_run(self, rec: RoundRecord, rules: FederationRules) -> PrivateRun | None:
+        """Under record-level DP, this round's DP-SGD run: the secret seed derived from the wallet, the rounds this
+        node already spent privacy in (PrivacyError once the rules' budget is spent)."""
+        dp = rules.record_dp
+        if dp is None:
+            return None
+        with self.stopwatch("chain"):
+            done = sum(self.has_submitted(r) for r in range(1, rec.round_id))
+        seed = wallet_noise_seed(self.fed.sender.account, self.federation_id, rec.round_id) \
+            if dp.noise_seed == "wallet" else os.urandom(SEED_BYTES)
+        return PrivateRun(dp, len(self.client.train), rules.rounds, seed, done)
 
     def publish_and_submit(self, round_id: int, data: bytes, num_samples: int, metrics: dict) -> SubmittedUpdate:
         """Publish the update's bytes and its metrics, then anchor both digests on-chain."""

@@ -16,6 +16,7 @@ from ..learning.settings import ADAPTERS, ClientObjective, LoraSettings, PromptS
 from ..strategies.base import RulesError
 
 if TYPE_CHECKING:
+    from ..learning.dp_sgd import RecordDP
     from ..learning.privacy import DPSettings
     from ..strategies.base import State, Strategy
 
@@ -36,7 +37,7 @@ class FederationRules:
     weighting: str = "num_samples"        # FedAvg weights: "num_samples" or "uniform"
     max_update_norm: float = 50.0         # L2 bound on (update - global start), per update
     max_adapter_bytes: int = 64 * 1024 * 1024
-    privacy: dict = field(default_factory=dict)  # {} (off) or fednode.learning.privacy.DPSettings fields, e.g.
+    privacy: dict = field(default_factory=dict)  # {} (off); hospital-level fednode.learning.privacy.DPSettings, e.g.
     # {"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
     rounds: int = 1                       # the federation ends after this many finalized rounds
     adapter: str = "lora"                 # "lora" or "prompt" (peft prompt tuning)
@@ -86,9 +87,11 @@ class FederationRules:
             from ..learning.privacy import PrivacyError
 
             try:
-                self.dp
+                self.dp, self.record_dp
             except PrivacyError as exc:
                 raise RulesError(f"privacy: {exc}") from None
+            if self.record_dp is not None and self.version < 2:
+                raise RulesError("privacy: dp_sgd needs rules version 2")
 
     @property
     def adapter_settings(self) -> LoraSettings | PromptSettings:
@@ -103,10 +106,22 @@ class FederationRules:
 
     @property
     def dp(self) -> DPSettings | None:
-        """The client-side DP each update must get before it is published; None when privacy is off."""
+        """Hospital-level DP: the noise each whole update gets before it is published; None otherwise."""
         from ..learning.privacy import DPSettings
 
         return DPSettings.from_rules(self.privacy)
+
+    @property
+    def record_dp(self) -> RecordDP | None:
+        """Record-level DP: DP-SGD in every hospital's local training; None otherwise."""
+        from ..learning.dp_sgd import RecordDP
+
+        return RecordDP.from_rules(self.privacy)
+
+    @property
+    def private(self) -> bool:
+        """Whether every update carries DP accounting (either mechanism)."""
+        return self.dp is not None or self.record_dp is not None
 
     def strategy(self, server_state: State | None = None) -> Strategy:
         """The aggregation object these rules name, continuing from `server_state` (the previous round's

@@ -209,7 +209,7 @@ def check_metrics(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict
     wrong = [f"{name} is {got!r}, the submission says {want!r}" for name, got, want in (
         ("round", metrics.round, sub.round_id), ("node", metrics.node.lower(), sub.node.lower()),
         ("samples", metrics.samples, sub.num_samples)) if got != want]
-    if (metrics.privacy is None) != (ctx.rules.dp is None):
+    if (metrics.privacy is None) == ctx.rules.private:
         wrong.append("privacy accounting is " + ("missing" if metrics.privacy is None else "given without DP rules"))
     return Verdict(sub, Reason.BAD_METRICS, "metrics " + wrong[0]) if wrong else None
 
