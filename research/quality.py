@@ -160,6 +160,10 @@ PRESETS: dict[str, BenchConfig] = {
     # every federated method on both sources' natural partitions
     "methods": BenchConfig(settings=("icd10:natural", "drugs:natural"), seeds=(0, 1, 2), methods=tuple(FEDERATED),
                            rounds=3, train=TrainSettings(steps=20)),
+    # record-level DP-SGD against plain FedAvg at the same large-batch schedule (DP-SGD needs big batches)
+    "privacy": BenchConfig(settings=("icd10:natural",), seeds=(0, 1, 2),
+                           methods=("fedavg", "dp_sgd-1", "dp_sgd-3", "dp_sgd-8"), rounds=3, train_per_client=4096,
+                           mc_items=8, train=TrainSettings(steps=5, batch_size=256, lr=1e-2)),
     # sized for about 45 minutes on 2 CPU cores (~5 s per step of batch 8, ~15 s per scored split)
     "smollm2": BenchConfig(model="smollm2", settings=("icd10:natural", "drugs:natural"), rounds=3,
                            eval_per_client=32, mc_items=12, train=TrainSettings(steps=4)),

@@ -18,12 +18,12 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .privacy import RECORD_MECHANISM as MECHANISM
-from .privacy import SEED_POLICIES, PrivacyError, seed_commitment
+from .privacy import SEED_POLICIES, PrivacyError, seed_commitment, settings_from
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,7 @@ class RecordDP:
         """The record-level settings a rules' `privacy` object names; None unless its mechanism is dp_sgd."""
         if not isinstance(privacy, Mapping) or privacy.get("mechanism") != MECHANISM:
             return None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(privacy) - known)
-        if unknown:
-            raise PrivacyError(f"unknown dp_sgd parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        missing = [f.name for f in fields(cls) if f.name not in privacy and f.default is MISSING]
-        if missing:
-            raise PrivacyError(f"dp_sgd privacy lacks {missing[0]!r}")
-        return cls(**privacy)
+        return settings_from(cls, privacy, "dp_sgd")
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -79,14 +79,7 @@ class DPSettings:
             if len(privacy) > 1:
                 raise PrivacyError(f"mechanism 'none' takes no parameters, got {sorted(set(privacy) - {'mechanism'})}")
             return None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(privacy) - known)
-        if unknown:
-            raise PrivacyError(f"unknown privacy parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        missing = [f.name for f in fields(cls) if f.name not in privacy and f.default is MISSING]
-        if missing:
-            raise PrivacyError(f"privacy lacks {missing[0]!r}")
-        return cls(**privacy)
+        return settings_from(cls, privacy, "privacy")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -179,3 +172,15 @@ def privatize(update: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tens
     state, info = clip_and_noise(update, start, settings, seed)
     return state, {**settings.to_json(), **info, "accountant": "rdp", "rounds": round_id,
                    "epsilon": epsilon(settings, round_id), "noise_seed_sha256": seed_commitment(seed)}
+
+
+def settings_from(cls: type, privacy: Mapping, what: str):
+    """Dataclass `cls` built from a rules' `privacy` object, naming the first unknown or missing parameter."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(privacy) - known)
+    if unknown:
+        raise PrivacyError(f"unknown {what} parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(cls) if f.name not in privacy and f.default is MISSING]
+    if missing:
+        raise PrivacyError(f"{what} lacks {missing[0]!r}")
+    return cls(**privacy)

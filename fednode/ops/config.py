@@ -76,8 +76,8 @@ class FederationSection:
     allow_below_quorum: bool = True
     aggregation: str = "fedavg"           # fedavg, fedavgm, fedadam, fedyogi
     params: dict = field(default_factory=dict)   # the rule's parameters, e.g. {eta = 0.01, beta_1 = 0.9}
-    privacy: dict = field(default_factory=dict)  # client-side DP, e.g. {mechanism = "gaussian", clip_norm = 1.0,
-                                                 #   noise_multiplier = 1.0, delta = 1e-5}; {} = off
+    privacy: dict = field(default_factory=dict)  # e.g. {mechanism = "dp_sgd", max_grad_norm = 1.0, target_epsilon
+                                                 #   = 8, delta = 1e-5} or {mechanism = "hospital", ...}; {} = off
     weighting: str = "num_samples"
     merge_order: str = "sha256"           # "sha256": the same updates give the same global whatever their arrival
                                           #   order; "submission": on-chain order
