@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .privacy import RECORD_MECHANISM as MECHANISM
-from .privacy import SEED_POLICIES, PrivacyError, seed_commitment, settings_from
+from .privacy import SEED_POLICIES, PrivacyError, sampled_gaussian, seed_commitment, settings_from
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,9 @@ class RecordDP:
 
 
 def _event(q: float, sigma: float, steps: int):
-    from dp_accounting import dp_event as events  # ~1.5 s to import: only when DP is used
-
     # dp_accounting warns for every Renyi order whose series does not converge and leaves that order out
     logging.getLogger("absl").setLevel(logging.ERROR)
-
-    return events.SelfComposedDpEvent(events.PoissonSampledDpEvent(q, events.GaussianDpEvent(sigma)), steps)
+    return sampled_gaussian(q, sigma, steps)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -122,6 +122,11 @@ def wallet_noise_seed(account: LocalAccount, federation_id: str, round_id: int) 
     return hashlib.sha256(bytes(account.sign_message(encode_defunct(text=message)).signature)).digest()
 
 
+def noise_seed(policy: str, account: LocalAccount, federation_id: str, round_id: int) -> bytes:
+    """The round's secret noise seed under a SEED_POLICIES policy: the wallet's (reproducible) or fresh random."""
+    return wallet_noise_seed(account, federation_id, round_id) if policy == "wallet" else os.urandom(SEED_BYTES)
+
+
 def seed_commitment(seed: bytes) -> str:
     """Hex sha256 of the seed: what the published metrics carry instead of the seed."""
     return hashlib.sha256(seed).hexdigest()
@@ -130,13 +135,16 @@ def seed_commitment(seed: bytes) -> str:
 def dp_event(settings: DPSettings, rounds: int):
     """The dp_accounting event of `rounds` rounds: a Poisson-sampled Gaussian with noise multiplier
     sigma / SENSITIVITY, self-composed."""
-    from dp_accounting import dp_event as events  # imported here: dp_accounting takes ~1.5 s to import
-
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise PrivacyError(f"rounds must be an integer >= 1, got {rounds!r}")
-    step = events.PoissonSampledDpEvent(settings.sampling_rate,
-                                        events.GaussianDpEvent(settings.noise_multiplier / SENSITIVITY))
-    return events.SelfComposedDpEvent(step, rounds)
+    return sampled_gaussian(settings.sampling_rate, settings.noise_multiplier / SENSITIVITY, rounds)
+
+
+def sampled_gaussian(q: float, sigma: float, count: int):
+    """The dp_accounting event of `count` Poisson-sampled (rate q) Gaussian steps of noise multiplier sigma."""
+    from dp_accounting import dp_event as events  # imported here: dp_accounting takes ~1.5 s to import
+
+    return events.SelfComposedDpEvent(events.PoissonSampledDpEvent(q, events.GaussianDpEvent(sigma)), count)
 
 
 PLD_MIN_NOISE = 0.2  # ~1 GB and ~14 s at 0.2
@@ -167,8 +175,7 @@ def privatize(update: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tens
               account: LocalAccount, federation_id: str, round_id: int) -> tuple[dict[str, torch.Tensor], dict]:
     """A node's DP step for one round: the noised state and the metrics to publish with it (settings, clipping,
     RDP epsilon after `round_id` rounds at the settings' delta, and the noise seed's commitment)."""
-    seed = wallet_noise_seed(account, federation_id, round_id) if settings.noise_seed == "wallet" \
-        else os.urandom(SEED_BYTES)
+    seed = noise_seed(settings.noise_seed, account, federation_id, round_id)
     state, info = clip_and_noise(update, start, settings, seed)
     return state, {**settings.to_json(), **info, "accountant": "rdp", "rounds": round_id,
                    "epsilon": epsilon(settings, round_id), "noise_seed_sha256": seed_commitment(seed)}

@@ -2,7 +2,6 @@
 packages, publishes and anchors its update. Patient text never leaves this object."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from ..learning.data import ClientData
 from ..learning.lora_math import truncate
 from ..learning.models import model_identity
 from ..learning.dp_sgd import PrivateRun
-from ..learning.privacy import SEED_BYTES, privatize, wallet_noise_seed
+from ..learning.privacy import noise_seed, privatize
 from ..learning.settings import TrainSettings
 from ..learning.training import AdapterTrainer
 from ..storage import Storage
@@ -172,8 +171,7 @@ class Node:
             return None
         with self.stopwatch("chain"):
             done = sum(self.has_submitted(r) for r in range(1, rec.round_id))
-        seed = wallet_noise_seed(self.fed.sender.account, self.federation_id, rec.round_id) \
-            if dp.noise_seed == "wallet" else os.urandom(SEED_BYTES)
+        seed = noise_seed(dp.noise_seed, self.fed.sender.account, self.federation_id, rec.round_id)
         return PrivateRun(dp, len(self.client.train), rules.rounds, seed, done)
 
     def publish_and_submit(self, round_id: int, data: bytes, num_samples: int, metrics: dict) -> SubmittedUpdate:

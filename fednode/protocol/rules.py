@@ -38,7 +38,8 @@ class FederationRules:
     max_update_norm: float = 50.0         # L2 bound on (update - global start), per update
     max_adapter_bytes: int = 64 * 1024 * 1024
     privacy: dict = field(default_factory=dict)  # {} (off); hospital-level fednode.learning.privacy.DPSettings, e.g.
-    # {"mechanism": "gaussian", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+    # {"mechanism": "hospital", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}, or record-level
+    # fednode.learning.dp_sgd.RecordDP ({"mechanism": "dp_sgd", ...})
     rounds: int = 1                       # the federation ends after this many finalized rounds
     adapter: str = "lora"                 # "lora" or "prompt" (peft prompt tuning)
     client: dict = field(default_factory=dict)  # fednode.learning.settings.ClientObjective fields: what training
