@@ -47,6 +47,7 @@ class RoundInfo:
     accepted: int
     state: RoundState
     allow_below_quorum: bool
+    submissions_closed: bool = False  # survivors fixed for unmasking (secure aggregation)
 
 
 def _b32(value: bytes | str) -> bytes:
@@ -121,6 +122,16 @@ class Federation:
         return self._send(self.contract.functions.finalize(round_id, _b32(cid_digest), _b32(file_sha256),
                                                          bytes(verdicts)))
 
+    # Secure aggregation: the unmasking phase
+    def request_unmask(self, round_id: int, survivors_digest: bytes) -> Receipt:
+        return self._send(self.contract.functions.requestUnmask(round_id, _b32(survivors_digest)))
+
+    def reveal_shares(self, round_id: int, reveal_digest: bytes) -> Receipt:
+        return self._send(self.contract.functions.revealShares(round_id, _b32(reveal_digest)))
+
+    def reveal_commitment(self, round_id: int, node: str) -> bytes:
+        return bytes(self._view(self.contract.functions.revealOf(round_id, Web3.to_checksum_address(node))))
+
     def cancel_round(self, round_id: int) -> Receipt:
         return self._send(self.contract.functions.cancelRound(round_id))
 
@@ -129,7 +140,7 @@ class Federation:
 
     def round(self, round_id: int) -> RoundInfo:
         r = self._view(self.contract.functions.getRound(round_id))
-        return RoundInfo(round_id, r[0], r[1], r[2], r[3], RoundState(r[4]), r[5])
+        return RoundInfo(round_id, r[0], r[1], r[2], r[3], RoundState(r[4]), r[5], r[6])
 
     def submission_commitment(self, round_id: int, node: str) -> bytes:
         return bytes(self._view(self.contract.functions.submissionOf(round_id, Web3.to_checksum_address(node))))

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +84,15 @@ class Compiler:
     def compile(self, sources: dict[str, str]) -> dict:
         request = {"language": "Solidity", "sources": {n: {"content": t} for n, t in sources.items()},
                    "settings": SETTINGS}
-        proc = subprocess.run([*self.command, "--standard-json"], input=json.dumps(request),
-                              capture_output=True, text=True, timeout=600)
-        output = _parse_json_output(proc.stdout)
+        # stdout goes to a file, not a pipe: node's process.exit cuts piped output short at 64 KiB
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.run([*self.command, "--standard-json"], input=json.dumps(request), stdout=out,
+                                  stderr=subprocess.PIPE, text=True, timeout=600)
+            out.seek(0)
+            stdout = out.read()
+        output = _parse_json_output(stdout)
         if output is None:
-            raise CompileError(f"{self.kind} solc gave no JSON output: {(proc.stderr or proc.stdout).strip()[:300]}")
+            raise CompileError(f"{self.kind} solc gave no JSON output: {(proc.stderr or stdout).strip()[:300]}")
         errors = [e for e in output.get("errors", []) if e.get("severity") == "error"]
         if errors:
             raise CompileError("; ".join(e.get("formattedMessage", e["message"]).strip() for e in errors))

@@ -115,8 +115,23 @@ class RoundCancelled(Logged):
     by: str
 
 
+@dataclass(frozen=True)
+class UnmaskRequested(Logged):
+    round_id: int
+    aggregator: str
+    survivors_digest: bytes
+
+
+@dataclass(frozen=True)
+class SharesRevealed(Logged):
+    round_id: int
+    node: str
+    reveal_digest: bytes
+
+
 RECORDS: dict[str, type[Logged]] = {cls.__name__: cls for cls in (
-    Joined, Approved, Revoked, RoundOpened, UpdateSubmitted, RoundFinalized, RoundCancelled)}
+    Joined, Approved, Revoked, RoundOpened, UpdateSubmitted, RoundFinalized, RoundCancelled, UnmaskRequested,
+    SharesRevealed)}
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 

@@ -2,11 +2,12 @@
 pragma solidity 0.8.28;
 
 import {ParticipantRegistry} from "./ParticipantRegistry.sol";
-import {FederationRounds} from "./FederationRounds.sol";
+import {SecureAggregation} from "./SecureAggregation.sol";
 
 /// @title Federation
 /// @notice One federation on one address: the participant registry (identities, approval, revocation) and the
-/// round state machine (open, submit, finalize, cancel). Its events are the complete audit log.
-contract Federation is FederationRounds {
+/// round state machine (open, submit, finalize, cancel), and the unmasking phase of securely aggregated rounds.
+/// Its events are the complete audit log.
+contract Federation is SecureAggregation {
     constructor(address admin) ParticipantRegistry(admin) {}
 }

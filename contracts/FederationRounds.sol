@@ -25,6 +25,7 @@ abstract contract FederationRounds is ParticipantRegistry {
         uint32 accepted;
         RoundState state;
         bool allowBelowQuorum;
+        bool submissionsClosed; // set when the round's masks are being removed (SecureAggregation)
     }
 
     uint256 public roundCount;
@@ -49,6 +50,8 @@ abstract contract FederationRounds is ParticipantRegistry {
     error DeadlinePassed(uint256 roundId, uint64 deadline, uint256 nowTimestamp);
     error DeadlineNotPassed(uint256 roundId, uint64 deadline);
     error AlreadySubmitted(uint256 roundId, address node);
+    /// @notice The round takes no more submissions: its survivors were fixed to remove their masks.
+    error SubmissionsClosed(uint256 roundId);
     error VerdictCountMismatch(uint256 roundId, uint256 submissions, uint256 verdicts);
     error QuorumNotReached(uint256 roundId, uint256 accepted, uint256 minUpdates);
 
@@ -115,7 +118,8 @@ abstract contract FederationRounds is ParticipantRegistry {
             submissions: 0,
             accepted: 0,
             state: RoundState.Open,
-            allowBelowQuorum: allowBelowQuorum
+            allowBelowQuorum: allowBelowQuorum,
+            submissionsClosed: false
         });
         emit RoundOpened(
             roundId, msg.sender, baseCidDigest, baseSha256, rulesDigest, deadline, minUpdates, allowBelowQuorum
@@ -132,6 +136,7 @@ abstract contract FederationRounds is ParticipantRegistry {
     ) external {
         Round storage r = _openRound(roundId);
         if (block.timestamp > r.deadline) revert DeadlinePassed(roundId, r.deadline, block.timestamp);
+        if (r.submissionsClosed) revert SubmissionsClosed(roundId);
         Status status = statusOf(msg.sender);
         if (status != Status.Approved) revert NotParticipant(msg.sender, status);
         if (cidDigest == bytes32(0) || fileSha256 == bytes32(0)) revert ZeroDigest();
@@ -181,8 +186,15 @@ abstract contract FederationRounds is ParticipantRegistry {
         }
     }
 
+    /// @dev Close an open round to further submissions (once).
+    function _closeSubmissions(uint256 roundId) internal {
+        Round storage r = _openRound(roundId);
+        if (r.submissionsClosed) revert SubmissionsClosed(roundId);
+        r.submissionsClosed = true;
+    }
+
     /// @dev Round `roundId`, which must be open (UnknownRound / RoundNotOpen otherwise).
-    function _openRound(uint256 roundId) private view returns (Round storage r) {
+    function _openRound(uint256 roundId) internal view returns (Round storage r) {
         r = _rounds[roundId];
         if (r.state != RoundState.Open) {
             if (r.state == RoundState.None) revert UnknownRound(roundId);

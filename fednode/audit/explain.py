@@ -39,6 +39,8 @@ def explain(rec: RoundRecord, ra: RoundAudit, inputs: RoundInputs, merged: Merge
 def matching_aggregation(inputs: RoundInputs, onchain: list[int], recomputed: list[int], stored: dict) -> str | None:
     """The first plausible alternative aggregation whose tensors equal the stored adapter's, described."""
     rules = inputs.rules
+    if rules.secure is not None:  # masked updates sum only as the round's survivors, with their own weights
+        return None
     tried = {(rules.weighting, tuple(recomputed))}
     for label, weighting, at in _alternatives(rules, onchain, recomputed):
         if (weighting, tuple(at)) in tried or not set(at) <= inputs.content.keys():

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from ..protocol.ledger import Submission
 from ..protocol.merge import MergedRound, accepted_updates, merge_round
 from ..protocol.rules import FederationRules
+from ..protocol.secagg.unmask import SecureRound
 from ..protocol.verify import Verdict
 
 
@@ -21,10 +22,11 @@ class RoundInputs:
     round_id: int
     aggregator: str
     content: dict[int, Verdict] = field(default_factory=dict)
+    secure: SecureRound | None = None  # secure aggregation: what removes the survivors' masks
 
     def merge(self, at: list[int], rules: FederationRules | None = None) -> MergedRound:
         """The aggregate of the updates at indices `at` (repeats count twice), as the aggregator must have packed
         it, under the round's rules or `rules`."""
-        return merge_round(rules or self.rules, self.start, self.server_state,
-                           accepted_updates(self.content[i] for i in at), self.federation_id, self.round_id,
-                           self.aggregator)
+        rules = rules or self.rules
+        return merge_round(rules, self.start, self.server_state, accepted_updates((self.content[i] for i in at), rules),
+                           self.federation_id, self.round_id, self.aggregator, self.secure)

@@ -12,8 +12,10 @@ from ..protocol.packaging import unpack_adapter
 from ..protocol.publish import PublishError
 from ..protocol.rules import RulesError
 from ..protocol.screening import screen
-from ..protocol.verify import (UNAVAILABLE_REASONS, Reason, RoundContext, Verdict, check_declared, check_metrics,
-                               check_participant, fetch_submission, verify_bytes)
+from ..protocol.secagg.keys import participant_keys
+from ..protocol.secagg.unmask import UnmaskError, load_secure_round
+from ..protocol.verify import (UNAVAILABLE_REASONS, Reason, RoundContext, Verdict, check_declared, check_key,
+                               check_metrics, check_participant, check_shares, fetch_submission, verify_bytes)
 from ..storage import StorageUnreachable
 from ..storage.cid import cid_digest, cid_of
 from ..strategies.base import AggregateError
@@ -30,7 +32,8 @@ def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) ->
     explaining a mismatching global adapter."""
     with sources.watch("fetch"):
         try:
-            early = check_participant(sub, ctx) or check_declared(sub, ctx) or check_metrics(sub, sources.store, ctx)
+            early = (check_participant(sub, ctx) or check_key(sub, ctx) or check_declared(sub, ctx)
+                     or check_metrics(sub, sources.store, ctx))
         except StorageUnreachable as exc:
             early = Verdict(sub, Reason.METRICS_UNAVAILABLE, str(exc))
         try:
@@ -42,7 +45,10 @@ def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) ->
         content = fetched
     else:
         with sources.watch("verification"):
-            content = verify_bytes(sub, fetched, ctx)
+            try:
+                content = check_shares(verify_bytes(sub, fetched, ctx), sources.store, ctx)
+            except StorageUnreachable as exc:
+                content, intact = Verdict(sub, Reason.UNAVAILABLE, f"share document: {exc}"), False
     if early is not None:
         return early, content, early.reason not in UNAVAILABLE_REASONS
     return content, content, intact
@@ -65,9 +71,13 @@ def reverify_round(rec: RoundRecord, ra: RoundAudit, sources: Sources, history: 
         return
     f = rec.finalized
     inputs = RoundInputs(rules, start[0], server_state, rec.submissions, federation_id, rec.round_id, f.aggregator)
-    # the aggregator verified before it sent finalize: a revocation mined before the finalize block binds it
-    ctx = RoundContext(federation_id, rec.round_id, rules, inputs.start, history.participants, f.block_number - 1,
-                       sources.cards(history.participants))
+    # the aggregator verified before it sent finalize (a masked round: before it fixed the survivors), so a
+    # revocation mined before that block binds it
+    as_of = (f.block_number if rec.unmask is None else rec.unmask.block_number) - 1
+    cards = sources.cards(history.participants)
+    ctx = RoundContext(federation_id, rec.round_id, rules, inputs.start, history.participants, as_of, cards)
+    if rules.secure is not None:
+        ctx.keys, ctx.unkeyed = participant_keys(history.participants, cards, federation_id, rec.opened_block)
     now, undetermined, excluded = [], set(), set()  # per position: (verdict now, verdict for screening, content)
     for sub in rec.submissions:
         verdict, content, determined = reverify_submission(sub, ctx, sources)
@@ -110,7 +120,32 @@ def reverify_round(rec: RoundRecord, ra: RoundAudit, sources: Sources, history: 
         return
     accepted = [s.index for s in rec.submissions if s.index not in undetermined | excluded
                 and ra.submissions[s.index].recomputed == Reason.ACCEPTED.name]
+    if rules.secure is not None and not unmasking(rec, ra, inputs, accepted, list(ctx.keys), sources):
+        return
     recompute(rec, ra, inputs, accepted, sources)
+
+
+def unmasking(rec: RoundRecord, ra: RoundAudit, inputs: RoundInputs, accepted: list[int], participants: list[str],
+              sources: Sources) -> bool:
+    """A masked round: its unmasking material from the chain and storage alone (survivors, share documents,
+    reveal documents); whether the sum can be recomputed. Shares that do not match their commitments are named."""
+    if rec.unmask is None:
+        ra.find(Status.MISMATCH, "the round is securely aggregated, but its survivors were never fixed on-chain")
+        return False
+    with sources.watch("fetch"):
+        try:
+            inputs.secure = load_secure_round(sources.store, rec, inputs.rules, [inputs.content[i] for i in accepted],
+                                              participants)
+            inputs.secure.reconstruct()
+        except UnmaskError as exc:
+            ra.find(Status.MISMATCH, f"the survivors' masks cannot be removed from what the chain and storage hold: "
+                                     f"{exc}")
+            return False
+        except StorageUnreachable as exc:
+            ra.find(Status.UNAVAILABLE, f"unmasking material: {exc}")
+            return False
+    ra.notes.extend(sorted(set(inputs.secure.problems)))
+    return True
 
 
 def recompute(rec: RoundRecord, ra: RoundAudit, inputs: RoundInputs, accepted: list[int], sources: Sources) -> None:

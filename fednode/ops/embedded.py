@@ -21,7 +21,7 @@ from ..learning.adapters import make_trainer
 from ..learning.data import ClientData
 from ..learning.settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
 from ..learning.training import AdapterTrainer
-from ..protocol.aggregator import Aggregator, RoundResult
+from ..protocol.aggregator import Aggregator, AwaitingShares, RoundResult
 from ..protocol.ledger import RoundRecord
 from ..protocol.methods import Method
 from ..protocol.node import Node, SubmittedUpdate
@@ -117,15 +117,23 @@ class EmbeddedFederation:
             raise ValueError("publish the initial adapter first (EmbeddedFederation.start)")
         return self.aggregator.open_round(*self.base, round_seconds, min_updates)
 
-    def finalize(self, rec: RoundRecord) -> RoundResult:
-        """Verify, merge and finalize an open round; the next one starts from its global adapter."""
-        result = self.aggregator.finalize(rec)
+    def finalize(self, rec: RoundRecord, revealers: Sequence[Node] | None = None) -> RoundResult:
+        """Verify, merge and finalize an open round; the next one starts from its global adapter. A masked round
+        first has its survivors fixed, then every node in `revealers` (default: all) reveals its shares."""
+        try:
+            result = self.aggregator.finalize(rec)
+        except AwaitingShares:
+            for node in self.nodes if revealers is None else revealers:
+                node.reveal(node.ledger.refresh().rounds[rec.round_id])
+            result = self.aggregator.finalize(rec)
         self.base = (result.cid_digest, result.file_sha256)
         return result
 
     def run_round(self, nodes: Sequence[Node] | None = None, min_updates: int = 1,
                   round_seconds: int = 3600) -> RoundRun:
-        """Open a round, let every node in `nodes` (default: all) participate, and finalize it."""
+        """Open a round, let every node in `nodes` (default: all) participate, and finalize it (the same nodes
+        reveal shares when the round is masked)."""
         rec = self.open(min_updates, round_seconds)
-        updates = [node.participate(rec) for node in (self.nodes if nodes is None else nodes)]
-        return RoundRun(rec, updates, self.finalize(rec))
+        nodes = self.nodes if nodes is None else nodes
+        updates = [node.participate(rec) for node in nodes]
+        return RoundRun(rec, updates, self.finalize(rec, nodes))

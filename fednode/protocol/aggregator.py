@@ -15,8 +15,11 @@ from .documents import MAX_DOCUMENT_BYTES, ModelCard, read_cards
 from .ledger import Ledger, RoundRecord
 from .merge import accepted_updates, merge_round
 from .packaging import pack_global
-from .publish import fetch_adapter, fetch_server_state, publish_bytes
+from .publish import fetch_adapter, fetch_server_state, publish_bytes, publish_json
 from .rules import FederationRules
+from .secagg.keys import participant_keys
+from .secagg.shares import SurvivorsDocument
+from .secagg.unmask import UnmaskError, load_secure_round
 from .screening import screen
 from .verify import RoundContext, Verdict, verify_submission
 
@@ -38,6 +41,10 @@ class RoundResult:
 
 class AggregatorError(RuntimeError):
     """A round cannot be finalized (no accepted update, or the start adapter is unusable)."""
+
+
+class AwaitingShares(AggregatorError):
+    """A securely aggregated round waits for the shares that remove its survivors' masks."""
 
 
 class Aggregator:
@@ -111,7 +118,8 @@ class Aggregator:
         with self.stopwatch("chain"):
             history = self.ledger.refresh()
             rec = history.rounds[rec.round_id]
-            as_of = self.fed.w3.eth.block_number
+            # a masked round is judged as of its survivors' fixing: the sum then holds exactly their masks
+            as_of = self.fed.w3.eth.block_number if rec.unmask is None else rec.unmask.block_number - 1
         if start is None:
             start, _ = self.start_adapter(rec)
         with self.stopwatch("verification"):
@@ -119,8 +127,12 @@ class Aggregator:
             prefetch(store, [cid_from_digest(s.metrics_digest, "raw") for s in rec.submissions]
                      + [cid_from_digest(p.metadata_digest, "raw") for p in history.participants.values()
                         if p.metadata_digest not in self._cards], MAX_DOCUMENT_BYTES)
+            cards = read_cards(store, history.participants, self._cards)
             ctx = RoundContext(self.federation_id, rec.round_id, self.rules, start, history.participants, as_of,
-                               read_cards(store, history.participants, self._cards))
+                               cards)
+            if self.rules.secure is not None:
+                ctx.keys, ctx.unkeyed = participant_keys(history.participants, cards, self.federation_id,
+                                                         rec.opened_block)
             ordered = sorted(rec.submissions, key=lambda s: s.index)
             verdicts = screen([verify_submission(s, store, ctx) for s in ordered], start, self.rules)
         for v in verdicts:
@@ -129,10 +141,23 @@ class Aggregator:
                      f"({v.detail})")
         return start, verdicts
 
+    def request_unmask(self, rec: RoundRecord, verdicts: list[Verdict]) -> None:
+        """Fix a masked round's survivors (the accepted updates, with their share documents) on-chain, which closes
+        it to submissions and asks the participants for their shares."""
+        survivors = SurvivorsDocument(federation=self.federation_id, round=rec.round_id, survivors={
+            v.submission.node: v.shares_cid for v in verdicts if v.accepted})
+        with self.stopwatch("storage"):
+            _, digest = publish_json(self.store, survivors.model_dump())
+        with self.stopwatch("chain"):
+            self.fed.request_unmask(rec.round_id, digest)
+        self.log(f"round {rec.round_id}: {len(survivors.survivors)} masked updates fixed as survivors; waiting for "
+                 f"the participants' shares")
+
     def finalize(self, rec: RoundRecord) -> RoundResult:
         start, start_meta = self.start_adapter(rec)
         _, verdicts = self.verify(rec, start)
-        accepted = accepted_updates(verdicts)
+        rec = self.ledger.history.rounds[rec.round_id]
+        accepted = accepted_updates(verdicts, self.rules)
         if not accepted:
             raise AggregatorError(f"round {rec.round_id}: no update passed verification; cancel it after its "
                                   "deadline")
@@ -145,11 +170,29 @@ class Aggregator:
                                   f"{rec.min_updates}" + ("; it may close below quorum after its deadline"
                                                          if rec.allow_below_quorum else "; cancel it after its "
                                                                                         "deadline"))
+        secure = None
+        if self.rules.secure is not None:
+            if rec.unmask is None:
+                self.request_unmask(rec, verdicts)
+                raise AwaitingShares(f"round {rec.round_id}: waiting for the shares that remove the masks")
+            history = self.ledger.history
+            keys, _ = participant_keys(history.participants, read_cards(self.store, history.participants, self._cards),
+                                       self.federation_id, rec.opened_block)
+            with self.stopwatch("storage"):
+                try:
+                    secure = load_secure_round(self.store, rec, self.rules, verdicts, list(keys))
+                except UnmaskError as exc:
+                    raise AggregatorError(f"round {rec.round_id}: {exc}") from None
         with self.stopwatch("storage"):
             previous = fetch_server_state(self.store, start_meta, self.rules)
         with self.stopwatch("aggregation"):
-            merged = merge_round(self.rules, start, previous, accepted, self.federation_id, rec.round_id,
-                                 self.fed.address)
+            try:
+                merged = merge_round(self.rules, start, previous, accepted, self.federation_id, rec.round_id,
+                                     self.fed.address, secure)
+            except UnmaskError as exc:
+                raise AwaitingShares(f"round {rec.round_id}: {exc}") from None
+        for problem in secure.problems if secure is not None else ():
+            self.log(f"round {rec.round_id}: {problem}")
         cid, cid_digest, sha = self.publish_packed(merged.data, merged.server_state_data)
         with self.stopwatch("chain"):
             receipt = self.fed.finalize(rec.round_id, cid_digest, sha, bytes(int(v.reason) for v in verdicts))

@@ -33,6 +33,8 @@ class ModelCard(BaseModel):
     adapter: dict
     dataset_size: StrictInt = Field(ge=1)
     description: StrictStr | None = None
+    secagg_key: StrictStr | None = None        # X25519 public key for secure aggregation (hex) ...
+    secagg_signature: StrictStr | None = None  # ... signed by the node's wallet (fednode.protocol.secagg.keys)
 
 
 class UpdateMetrics(BaseModel):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from chain.clients import Federation, RoundState
 from chain.events import (Approved, ChainEvent, Joined, RoundCancelled, RoundFinalized, RoundOpened, Revoked,
-                          UpdateSubmitted, record_of)
+                          SharesRevealed, UnmaskRequested, UpdateSubmitted, record_of)
 
 Submission = UpdateSubmitted  # one submission is exactly its event
 
@@ -42,6 +42,8 @@ class RoundRecord:
     submissions: list[Submission] = field(default_factory=list)
     finalized: RoundFinalized | None = None
     cancelled_block: int | None = None
+    unmask: UnmaskRequested | None = None       # secure aggregation: the survivors fixed, submissions closed
+    reveals: list[SharesRevealed] = field(default_factory=list)  # ... and the shares revealed since
 
     @classmethod
     def opened(cls, e: RoundOpened) -> RoundRecord:
@@ -89,6 +91,10 @@ class History:
                 self.rounds[f.round_id].finalized = f
             case RoundCancelled() as c:
                 self.rounds[c.round_id].cancelled_block = c.block_number
+            case UnmaskRequested() as m:
+                self.rounds[m.round_id].unmask = m
+            case SharesRevealed() as s:
+                self.rounds[s.round_id].reveals.append(s)
 
     def latest_round(self) -> RoundRecord | None:
         return self.rounds[max(self.rounds)] if self.rounds else None

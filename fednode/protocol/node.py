@@ -17,11 +17,19 @@ from ..learning.settings import TrainSettings
 from ..learning.training import AdapterTrainer
 from ..storage import Storage
 from ..timing import Stopwatch
-from .ledger import RoundRecord
-from .packaging import adapter_metadata, pack_adapter
+from .documents import ModelCard, fetch_document, read_cards
+from .ledger import Ledger, RoundRecord
+from .packaging import SHARES_KEY, WEIGHT_KEY, adapter_metadata, pack_adapter
 from .private_adapters import PrivateAdapters
 from .publish import fetch_adapter, fetch_rules, publish_bytes, publish_json
 from .rules import FederationRules
+from .secagg import keys as secagg_keys
+from .secagg.masking import apply_mask, merge_weight, pair_sign, quantize, to_state
+from .secagg.shares import SELF, SurvivorsDocument, deal, fetch_share_document, reveal
+
+
+class NodeError(RuntimeError):
+    """This node cannot take part in a round as the chain records it (e.g. no registered key for a masked one)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class Node:
         # this node's own adapter config (its rank may be below the global one under lora_exact)
         self.adapter_config = adapter_config or trainer.adapter_config
         self.private = PrivateAdapters(private_dir, self.federation_id, fed.address)
+        self.ledger = Ledger(fed)
+        self._cards: dict[bytes, ModelCard | str] = {}
 
     @property
     def address(self) -> str:
@@ -74,9 +84,11 @@ class Node:
         return model_identity(self.rules.base_model, self.adapter_config)
 
     def join(self, card: dict | None = None) -> Receipt:
-        """Register this node's wallet and model identity; the model card goes to storage, its digest on-chain."""
+        """Register this node's wallet and model identity; the model card goes to storage, its digest on-chain. The
+        card registers the node's secure-aggregation key, signed by its wallet."""
         card = {"node": self.address, "hospital": self.client.name, "base_model": self.rules.base_model,
-                "adapter": self.adapter_config, "dataset_size": len(self.client.train), **(card or {})}
+                "adapter": self.adapter_config, "dataset_size": len(self.client.train),
+                **secagg_keys.registration(self.fed.sender.account, self.federation_id), **(card or {})}
         with self.stopwatch("storage"):
             _, card_digest = publish_json(self.store, card)
         with self.stopwatch("chain"):
@@ -159,9 +171,75 @@ class Node:
             with self.stopwatch("privacy"):
                 state, metrics["privacy"] = privatize(state, start, dp, self.fed.sender.account, self.federation_id,
                                                       rec.round_id)
+        if rules.secure is not None:
+            return LocalUpdate(rec.round_id, self.masked(rec, rules, start, state), len(self.client.train), metrics)
         meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
                                 self.adapter_config, "update")
         return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)
+
+    def round_keys(self, rec: RoundRecord) -> dict[str, bytes]:
+        """The participants of a masked round (active when it opened, with a registered key) and their keys."""
+        with self.stopwatch("chain"):
+            history = self.ledger.refresh()
+        with self.stopwatch("storage"):
+            cards = read_cards(self.store, history.participants, self._cards)
+        keys, _ = secagg_keys.participant_keys(history.participants, cards, self.federation_id, rec.opened_block)
+        if self.address not in keys:
+            raise NodeError(f"round {rec.round_id} is securely aggregated, but this node was no participant with a "
+                            f"registered key when it opened")
+        return keys
+
+    def masked(self, rec: RoundRecord, rules: FederationRules, start: dict, state: dict) -> bytes:
+        """The update's bytes under secure aggregation: its quantized weighted delta plus the self mask and a pair
+        mask with every other participant, modulo 2^64; the share document of those masks' seeds is published
+        first and named in the metadata."""
+        keys, secure, account = self.round_keys(rec), rules.secure, self.fed.sender.account
+        with self.stopwatch("masking"):
+            own = secagg_keys.agreement_key(account, self.federation_id)
+            weight = merge_weight(rules.weighting, len(self.client.train))
+            values = quantize(state, start, secure, weight)
+            seeds = {SELF: secagg_keys.self_seed(account, self.federation_id, rec.round_id)}
+            values = apply_mask(values, seeds[SELF], 1)
+            for peer, key in keys.items():
+                if peer != self.address:
+                    seeds[peer.lower()] = secagg_keys.pair_seed(own, self.address, peer, key, self.federation_id,
+                                                                rec.round_id)
+                    values = apply_mask(values, seeds[peer.lower()], pair_sign(self.address, peer))
+            doc = deal(own, self.address, self.federation_id, rec.round_id, keys, secure.shares_needed(len(keys)),
+                       seeds)
+        with self.stopwatch("storage"):
+            shares_cid, _ = publish_json(self.store, doc.model_dump())
+        meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
+                                self.adapter_config, "masked_update", {SHARES_KEY: shares_cid, WEIGHT_KEY: str(weight)})
+        return pack_adapter(to_state(values, start), meta)
+
+    def reveal(self, rec: RoundRecord) -> Receipt | None:
+        """Secure aggregation: once the aggregator has fixed an open round's survivors, publish the shares this node
+        holds that remove their masks, and only those (once; None when there is nothing to do)."""
+        if rec.unmask is None or rec.state != RoundState.OPEN:
+            return None
+        with self.stopwatch("chain"):
+            if self.fed.reveal_commitment(rec.round_id, self.address) != bytes(32):
+                return None
+        keys = self.round_keys(rec)
+        digest = rec.unmask.survivors_digest
+        with self.stopwatch("storage"):
+            survivors = fetch_document(self.store, digest, SurvivorsDocument)
+            submitted = {s.node for s in rec.submissions}
+            if (survivors.federation.lower(), survivors.round) != (self.federation_id.lower(), rec.round_id) \
+                    or not set(survivors.survivors) <= submitted:
+                raise NodeError(f"round {rec.round_id}: the survivors document names another round or nodes that "
+                                f"did not submit; no shares revealed")
+            docs = {dealer: fetch_share_document(self.store, cid) for dealer, cid in survivors.survivors.items()}
+        with self.stopwatch("masking"):
+            doc, problems = reveal(secagg_keys.agreement_key(self.fed.sender.account, self.federation_id),
+                                   self.address, survivors, digest, docs, keys)
+        for problem in problems:
+            print(f"round {rec.round_id}: {problem}")
+        with self.stopwatch("storage"):
+            _, reveal_digest = publish_json(self.store, doc.model_dump())
+        with self.stopwatch("chain"):
+            return self.fed.reveal_shares(rec.round_id, reveal_digest)
 
     def private_run(self, rec: RoundRecord, rules: FederationRules) -> PrivateRun | None:
         """Under record-level DP, this round's DP-SGD run: the secret seed derived from the wallet, the rounds this

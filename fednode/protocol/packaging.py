@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 METADATA_KEY = "__metadata__"
 ALIGNMENT = 8
 SERVER_STATE_KEY = "fedchain.server_state"   # global adapter metadata: CID of the server optimizer state
+SHARES_KEY = "fedchain.secagg.shares"        # masked update metadata: CID of its share document ...
+WEIGHT_KEY = "fedchain.secagg.weight"        # ... and the merge weight its quantized deltas were multiplied by
 
 
 class AdapterError(ValueError):
@@ -33,8 +35,9 @@ class AdapterError(ValueError):
 
 
 def pack_adapter(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """Canonical safetensors bytes: sorted compact JSON header padded with spaces to 8 bytes, float32
-    little-endian data in sorted-name order. The same weights and metadata always give the same bytes."""
+    """Canonical safetensors bytes: sorted compact JSON header padded with spaces to 8 bytes, float32 (int64 for
+    the integer tensors of a masked update) little-endian data in sorted-name order. The same weights and metadata
+    always give the same bytes."""
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise AdapterError("bad_metadata", "adapter metadata keys and values must all be strings")
     if not state or not all(isinstance(name, str) and name and name != METADATA_KEY for name in state):
@@ -43,9 +46,11 @@ def pack_adapter(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str])
     chunks: list[bytes] = []
     offset = 0
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu", torch.float32)
+        masked = state[name].dtype == torch.int64  # a masked update (secure aggregation): integers modulo 2^64
+        tensor = state[name].detach().to("cpu", torch.int64 if masked else torch.float32)
         chunks.append(le_bytes(tensor))
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(chunks[-1])]}
+        header[name] = {"dtype": "I64" if masked else "F32", "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(chunks[-1])]}
         offset += len(chunks[-1])
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     encoded += b" " * (-len(encoded) % ALIGNMENT)

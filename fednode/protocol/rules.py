@@ -19,11 +19,14 @@ if TYPE_CHECKING:
     from ..learning.dp_sgd import RecordDP
     from ..learning.privacy import DPSettings
     from ..strategies.base import State, Strategy
+    from .secagg.masking import SecureSettings
 
 RULES_VERSION = 2  # 2 adds merge_order, copy_threshold, max_weight_share, server_clip and the checks of declared
 # sample counts and metrics documents; version 1 documents name none of these and mean LEGACY
 MERGE_ORDERS = ("sha256", "submission")
 LEGACY = {"merge_order": "submission", "copy_threshold": 0.0, "max_weight_share": 1.0, "server_clip": 0.0}
+OPTIONAL = {"secure_aggregation": {}}  # left out of the document when off, so older documents keep their digest
+SECURE_RULES = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # rules that need only the sum of the updates
 __all__ = ["RULES_VERSION", "FederationRules", "RulesError"]
 
 
@@ -52,6 +55,8 @@ class FederationRules:
     # to the others in proportion); 1 = uncapped
     server_clip: float = 0.0              # each update's delta clipped to this multiple of the round's median update
     # norm before the rule merges it; 0 = off
+    secure_aggregation: dict = field(default_factory=dict)  # {} (off) or fednode.protocol.secagg.masking.
+    # SecureSettings ({"threshold": 0.6, "clip": 1.0, "scale_bits": 20}): updates are masked, only their sum is seen
     version: int = RULES_VERSION
 
     def __post_init__(self):
@@ -93,6 +98,27 @@ class FederationRules:
                 raise RulesError(f"privacy: {exc}") from None
             if self.record_dp is not None and self.version < 2:
                 raise RulesError("privacy: dp_sgd needs rules version 2")
+        if self.secure_aggregation != {}:
+            self._check_secure()
+
+    def _check_secure(self) -> None:
+        """Secure aggregation needs a rule of the mean alone and no check that reads a single update's values."""
+        from .secagg.masking import SecureAggregationError
+
+        try:
+            self.secure
+        except SecureAggregationError as exc:
+            raise RulesError(f"secure_aggregation: {exc}") from None
+        if self.version < 2:
+            raise RulesError("secure_aggregation needs rules version 2")
+        if self.aggregation not in SECURE_RULES:
+            raise RulesError(f"secure_aggregation merges with {', '.join(SECURE_RULES)} (the rule sees only the sum), "
+                             f"not {self.aggregation}")
+        for name, off in (("copy_threshold", 0.0), ("max_weight_share", 1.0), ("server_clip", 0.0)):
+            if getattr(self, name) != off:
+                raise RulesError(f"secure_aggregation cannot apply {name} (it reads single updates): set it to {off:g}")
+        if self.objective.freeze_a:
+            raise RulesError("secure_aggregation cannot check client freeze_a on masked updates")
 
     @property
     def adapter_settings(self) -> LoraSettings | PromptSettings:
@@ -118,6 +144,13 @@ class FederationRules:
         from ..learning.dp_sgd import RecordDP
 
         return RecordDP.from_rules(self.privacy)
+
+    @property
+    def secure(self) -> SecureSettings | None:
+        """Secure aggregation's parameters; None when updates are sent in the clear."""
+        from .secagg.masking import SecureSettings
+
+        return SecureSettings.from_rules(self.secure_aggregation)
 
     @property
     def private(self) -> bool:
@@ -146,6 +179,9 @@ class FederationRules:
         fields = asdict(self)
         if self.version == 1:
             for name in LEGACY:
+                del fields[name]
+        for name, off in OPTIONAL.items():
+            if fields[name] == off:
                 del fields[name]
         return canonical_json(fields)
 

@@ -17,12 +17,14 @@ from ..learning.lora_math import truncate
 from ..learning.settings import ADAPTERS, SettingsError
 from ..numerics import distance
 from ..storage import Storage, StorageError, StorageTooLarge, StorageUnreachable
-from ..storage.cid import cid_digest, cid_of
+from ..storage.cid import CIDError, cid_digest, cid_of, normalize_cid
 from .documents import DocumentError, ModelCard, UpdateMetrics, fetch_document
 from .ledger import ParticipantRecord, Submission
-from .packaging import AdapterError, unpack_adapter
+from .packaging import SHARES_KEY, WEIGHT_KEY, AdapterError, unpack_adapter
 from .publish import fetch_named, locate
 from .rules import FederationRules
+from .secagg.masking import SecureAggregationError, merge_weight
+from .secagg.shares import ShareDocument, check_document, fetch_share_document
 
 
 class Reason(enum.IntEnum):
@@ -48,6 +50,8 @@ class Reason(enum.IntEnum):
     NO_CHANGE = 19        # (near-)equal to the round's start adapter: nothing was trained
     METRICS_UNAVAILABLE = 20  # the update's metrics document cannot be fetched from storage
     BAD_METRICS = 21      # the metrics document does not fit its schema or contradicts the submission
+    KEY_NOT_REGISTERED = 22  # secure aggregation: the node had no valid registered key when the round opened
+    BAD_SHARES = 23       # secure aggregation: the share document is missing or does not fit the round
 
 
 UNAVAILABLE_REASONS = (Reason.UNAVAILABLE, Reason.METRICS_UNAVAILABLE)  # availability when aggregated: not
@@ -62,6 +66,8 @@ class Verdict:
     state: dict | None = None  # parsed tensors, only when accepted
     update_norm: float | None = None
     adapter_config: dict | None = None  # the adapter config the update declares, only when accepted
+    shares_cid: str | None = None        # secure aggregation: the CID of the update's share document ...
+    shares: ShareDocument | None = None  # ... and the document, fetched and checked (only when accepted)
 
     @property
     def accepted(self) -> bool:
@@ -83,6 +89,8 @@ class RoundContext:
     participants: dict[str, ParticipantRecord]
     as_of_block: int             # revocations at or before this block reject (the aggregation/finalize block)
     cards: dict[str, ModelCard | str] = field(default_factory=dict)  # node -> its model card, or why there is none
+    keys: dict[str, bytes] = field(default_factory=dict)  # secure aggregation: the round's participants and keys
+    unkeyed: dict[str, str] = field(default_factory=dict)  # ... and why the other active participants are not ones
 
 
 def check_participant(sub: Submission, ctx: RoundContext) -> Verdict | None:
@@ -128,18 +136,26 @@ def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
     config = declared_config(meta, ctx.rules)
     if isinstance(config, tuple):
         return reject(*config)
+    secure = ctx.rules.secure
+    if secure is not None:
+        wrong = masked_metadata(sub, meta, ctx)
+        if wrong is not None:
+            return reject(Reason.BAD_METADATA, wrong)
     start = truncate(ctx.global_state, ctx.rules.lora, config)
     if sorted(state) != sorted(start):
         missing = sorted(set(start) - set(state))[:2]
         extra = sorted(set(state) - set(start))[:2]
         return reject(Reason.SHAPE_MISMATCH, f"tensor names differ (missing {missing}, unexpected {extra})")
+    dtype = torch.int64 if secure is not None else None  # masked: integers modulo 2^64, any value is valid
     for key in sorted(state):
         want = start[key]
-        if state[key].shape != want.shape or state[key].dtype != want.dtype:
+        if state[key].shape != want.shape or state[key].dtype != (dtype or want.dtype):
             return reject(Reason.SHAPE_MISMATCH, f"{key}: {tuple(state[key].shape)} {state[key].dtype} != "
-                                                 f"{tuple(want.shape)} {want.dtype}")
-        if not bool(torch.isfinite(state[key]).all()):
+                                                 f"{tuple(want.shape)} {dtype or want.dtype}")
+        if secure is None and not bool(torch.isfinite(state[key]).all()):
             return reject(Reason.NON_FINITE, f"{key} holds NaN or infinity")
+    if secure is not None:  # values, norms and frozen tensors are hidden by the masks until the sum
+        return Verdict(sub, Reason.ACCEPTED, "masked update", state, None, config, normalize_cid(meta[SHARES_KEY]))
     if ctx.rules.objective.freeze_a:
         changed = next((k for k in sorted(state) if ".lora_A." in k and not torch.equal(state[k], start[k])), None)
         if changed is not None:
@@ -149,6 +165,46 @@ def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
     if norm > bound:
         return reject(Reason.NORM_TOO_LARGE, f"update norm {norm:.3f} > bound {bound:.6g}")
     return Verdict(sub, Reason.ACCEPTED, f"update norm {norm:.3f}", state, norm, config)
+
+
+def masked_metadata(sub: Submission, meta: dict, ctx: RoundContext) -> str | None:
+    """Why a masked update's metadata does not fit its round (None when it does): its kind, the merge weight its
+    deltas were multiplied by (from the on-chain samples) and the CID of its share document."""
+    weight = str(merge_weight(ctx.rules.weighting, sub.num_samples))
+    if meta.get("fedchain.kind") != "masked_update":
+        return f"fedchain.kind is {meta.get('fedchain.kind')!r}, expected 'masked_update' (secure aggregation)"
+    if meta.get(WEIGHT_KEY) != weight:
+        return f"{WEIGHT_KEY} is {meta.get(WEIGHT_KEY)!r}, the on-chain samples give {weight!r}"
+    try:
+        normalize_cid(meta.get(SHARES_KEY, ""))
+    except CIDError as exc:
+        return f"{SHARES_KEY} is not a CID: {exc}"
+    return None
+
+
+def check_key(sub: Submission, ctx: RoundContext) -> Verdict | None:
+    """Secure aggregation: the node must be one of the round's participants, with a key registered by then."""
+    if ctx.rules.secure is None or sub.node in ctx.keys:
+        return None
+    why = ctx.unkeyed.get(sub.node, "it was not an active participant when the round opened")
+    return Verdict(sub, Reason.KEY_NOT_REGISTERED, f"{sub.node} is not a participant of the masked round: {why}")
+
+
+def check_shares(verdict: Verdict, store: Storage, ctx: RoundContext) -> Verdict:
+    """Secure aggregation: an accepted masked update with its share document (fetched by the CID its metadata
+    names, so the update's on-chain sha256 commits to it), which must fit the round; BAD_SHARES otherwise."""
+    if ctx.rules.secure is None or not verdict.accepted:
+        return verdict
+    sub = verdict.submission
+    try:
+        doc = fetch_share_document(store, verdict.shares_cid)
+    except SecureAggregationError as exc:
+        return Verdict(sub, Reason.BAD_SHARES, str(exc))
+    wrong = check_document(doc, sub.node, ctx.federation_id, ctx.round_id, list(ctx.keys),
+                           ctx.rules.secure.shares_needed(len(ctx.keys)))
+    if wrong is not None:
+        return Verdict(sub, Reason.BAD_SHARES, wrong)
+    return replace(verdict, shares=doc)
 
 
 def declared_config(meta: dict, rules: FederationRules) -> dict | tuple[Reason, str]:
@@ -215,9 +271,11 @@ def check_metrics(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict
 
 
 def verify_submission(sub: Submission, store: Storage, ctx: RoundContext) -> Verdict:
-    """The verdict on one submission by itself: its sender, its declared samples, its metrics, its bytes."""
-    early = check_participant(sub, ctx) or check_declared(sub, ctx) or check_metrics(sub, store, ctx)
+    """The verdict on one submission by itself: its sender, its key (secure aggregation), its declared samples, its
+    metrics, its bytes and (secure aggregation) its share document."""
+    early = (check_participant(sub, ctx) or check_key(sub, ctx) or check_declared(sub, ctx)
+             or check_metrics(sub, store, ctx))
     if early is not None:
         return early
     _, fetched = fetch_submission(sub, store, ctx)
-    return fetched if isinstance(fetched, Verdict) else verify_bytes(sub, fetched, ctx)
+    return fetched if isinstance(fetched, Verdict) else check_shares(verify_bytes(sub, fetched, ctx), store, ctx)

@@ -28,6 +28,7 @@ class WeightedUpdate:
     state: State
     adapter_config: dict | None = None  # the update's own peft config (file metadata); None = the rules' config
     file_sha256: bytes = b""            # the update file's digest: the canonical merge order
+    node: str = ""                      # the sender (secure aggregation removes masks by sender)
 
 
 @dataclass(frozen=True)
