@@ -42,6 +42,13 @@ def run(args, env, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+def toml_value(value) -> str:
+    """A TOML value: JSON for scalars, an inline table for a dict."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
 def write_config(path: Path, rpc: str, ipfs: str, keystore: str, client: int = 0, steps: int = 5, **fed) -> Path:
     federation = {"rounds": 2, "round_seconds": 600, "min_updates": 3, "poll_seconds": 0.3, **fed}
     text = f"""
@@ -65,7 +72,7 @@ steps = {steps}
 batch_size = 4
 
 [federation]
-{chr(10).join(f'{k} = {json.dumps(v)}' for k, v in federation.items())}
+{chr(10).join(f'{k} = {toml_value(v)}' for k, v in federation.items())}
 """
     path.write_text(text)
     return path
@@ -88,7 +95,7 @@ def stack(tmp_path_factory, model_cache, icd_base):
     run(["stack", "down", "--dir", str(work / ".stack")], env, check=False)
 
 
-def test_three_node_processes_two_rounds_with_a_node_killed_mid_round(stack):
+def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(stack):
     work, env, record, up_out = stack
     rpc, ipfs = record["rpc"], record["ipfs_api"]
     assert "stack up" in up_out
@@ -103,10 +110,12 @@ def test_three_node_processes_two_rounds_with_a_node_killed_mid_round(stack):
     run(["chain", "deploy", "--rpc", rpc, "--keystore", str(work / "admin.json"), "--aggregator",
          addresses["aggregator"], "--out", str(work / "deployment.json")], env)
 
-    admin_cfg = write_config(work / "admin.toml", rpc, ipfs, "admin.json")
-    agg_cfg = write_config(work / "aggregator.toml", rpc, ipfs, "aggregator.json")
+    # securely aggregated: the aggregator sees only the sum of the three masked updates
+    secure = {"secure_aggregation": {"threshold": 0.6, "clip": 1.0, "scale_bits": 20}}
+    admin_cfg = write_config(work / "admin.toml", rpc, ipfs, "admin.json", **secure)
+    agg_cfg = write_config(work / "aggregator.toml", rpc, ipfs, "aggregator.json", **secure)
     node_cfgs = [write_config(work / f"node{i}.toml", rpc, ipfs, f"node{i}.json", client=i,
-                              steps=400 if i == 1 else 5) for i in range(3)]
+                              steps=400 if i == 1 else 5, **secure) for i in range(3)]
     for i, cfg in enumerate(node_cfgs):
         assert "joined as hospital-" in run(["node", "join", "--config", str(cfg)], env).stdout
         run(["admin", "approve", "--config", str(admin_cfg), addresses[f"node{i}"]], env)
@@ -155,6 +164,9 @@ def test_three_node_processes_two_rounds_with_a_node_killed_mid_round(stack):
     assert names.count("Joined") == 3 and names.count("Approved") == 3
     assert names.count("RoundOpened") == 2 and names.count("RoundFinalized") == 2
     assert names.count("UpdateSubmitted") == 6
+    # each round fixed its survivors, then at least t = 2 of the 3 hospitals revealed their shares
+    assert names.count("UnmaskRequested") == 2 and names.count("SharesRevealed") >= 4
+    assert all(len(r.reveals) >= 2 for r in history.rounds.values())
     per_node = {}
     for rnd in history.rounds.values():
         for sub in rnd.submissions:

@@ -79,6 +79,9 @@ class FederationSection:
     privacy: dict = field(default_factory=dict)  # e.g. {mechanism = "dp_sgd", max_grad_norm = 1.0, target_epsilon
                                                  #   = 8, delta = 1e-5} or {mechanism = "hospital", ...}; {} = off
     weighting: str = "num_samples"
+    secure_aggregation: dict = field(default_factory=dict)  # e.g. {threshold = 0.6, clip = 1.0, scale_bits = 20}:
+                                          #   updates masked, the aggregator sees only their sum; {} = off (copy
+                                          #   screening, which reads single updates, is then off too)
     merge_order: str = "sha256"           # "sha256": the same updates give the same global whatever their arrival
                                           #   order; "submission": on-chain order
     adapter: str = "lora"                 # "lora" ([lora] settings) or "prompt" ([prompt] settings)

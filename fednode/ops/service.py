@@ -10,7 +10,7 @@ from typing import Callable
 from chain.clients import RoundState
 from chain.errors import ChainError
 
-from ..protocol.aggregator import Aggregator, AggregatorError
+from ..protocol.aggregator import Aggregator, AggregatorError, AwaitingShares
 from ..protocol.ledger import Ledger, RoundRecord
 from ..protocol.node import Node
 from ..timing import Stopwatch
@@ -55,6 +55,16 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
             time.sleep(p.config.federation.poll_seconds)
             continue
         rules = _check_rules(p, node, rec)
+        if rec.unmask is not None and rec.state == RoundState.OPEN:
+            try:
+                receipt = node.reveal(rec)
+            except ChainError as exc:  # finalized with enough shares from the others meanwhile
+                if exc.error_name not in CLOSED:
+                    raise
+                receipt = None
+            if receipt is not None:
+                log(f"round {rec.round_id}: revealed the shares that remove the survivors' masks (tx "
+                    f"{receipt.tx_hash})")
         if rec.state == RoundState.OPEN and rec.round_id not in passed:
             if node.has_submitted(rec.round_id):
                 skip(rec, "this node's update is already on-chain (submitted before a restart)")
@@ -107,7 +117,7 @@ def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log
     watch = Stopwatch()
     agg = Aggregator(p.federation, p.store, p.rules, watch, log=log)
     agg.check_quorum(f.min_updates)  # before anything is published or sent
-    finalized, waiting = [], set()  # rounds waiting for their deadline (said once each)
+    finalized, waiting, unmasking = [], set(), set()  # rounds waiting for their deadline, for shares (said once)
 
     def opened(rec: RoundRecord, start: str) -> None:
         log(f"round {rec.round_id} opened from {start} (deadline {clock(rec.deadline)}, in "
@@ -125,6 +135,18 @@ def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log
                 continue
             try:
                 result = agg.finalize(rec)
+            except AwaitingShares as exc:
+                rec = agg.ledger.refresh().rounds[rec.round_id]
+                if agg.fed.next_block_time() <= agg.fed.w3.eth.get_block(rec.unmask.block_number)["timestamp"] \
+                        + f.round_seconds:
+                    if rec.round_id not in unmasking:
+                        unmasking.add(rec.round_id)
+                        log(str(exc))
+                    time.sleep(f.poll_seconds)
+                    continue
+                log(f"{exc}, {f.round_seconds} s after the survivors were fixed: cancelling")
+                p.federation.cancel_round(rec.round_id)
+                continue
             except AggregatorError as exc:
                 if not agg.deadline_passed(rec):
                     if rec.round_id not in waiting:

@@ -59,6 +59,7 @@ class Aggregator:
         self.log = log
         self._rules_published = False
         self._cards: dict[bytes, ModelCard | str] = {}
+        self._unmasking: dict[int, list[Verdict]] = {}  # masked rounds' verdicts as of their survivors' fixing
 
     def publish_global(self, round_id: int, state: dict, server_state: dict | None = None
                        ) -> tuple[str, bytes, bytes]:
@@ -155,8 +156,13 @@ class Aggregator:
 
     def finalize(self, rec: RoundRecord) -> RoundResult:
         start, start_meta = self.start_adapter(rec)
-        _, verdicts = self.verify(rec, start)
-        rec = self.ledger.history.rounds[rec.round_id]
+        rec = self.ledger.refresh().rounds[rec.round_id]
+        if rec.unmask is not None and rec.round_id in self._unmasking:  # survivors fixed: the verdicts are too
+            verdicts = self._unmasking[rec.round_id]
+        else:
+            _, verdicts = self.verify(rec, start)
+            if rec.unmask is not None:
+                self._unmasking[rec.round_id] = verdicts
         accepted = accepted_updates(verdicts, self.rules)
         if not accepted:
             raise AggregatorError(f"round {rec.round_id}: no update passed verification; cancel it after its "
