@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from eth_abi import decode
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
@@ -48,6 +49,9 @@ class RoundInfo:
     state: RoundState
     allow_below_quorum: bool
     submissions_closed: bool = False  # survivors fixed for unmasking (secure aggregation)
+
+
+ROUND_FIELDS = ("uint64", "uint32", "uint32", "uint32", "uint8", "bool", "bool")  # FederationRounds.Round, in order
 
 
 def _b32(value: bytes | str) -> bytes:
@@ -139,8 +143,15 @@ class Federation:
         return self._view(self.contract.functions.roundCount())
 
     def round(self, round_id: int) -> RoundInfo:
-        r = self._view(self.contract.functions.getRound(round_id))
-        return RoundInfo(round_id, r[0], r[1], r[2], r[3], RoundState(r[4]), r[5], r[6])
+        """The round's on-chain record; a contract deployed before secure aggregation returns one field less (no
+        `submissionsClosed`), which reads as False."""
+        try:
+            data = self.w3.eth.call({"to": self.contract.address,
+                                     "data": self.contract.encode_abi("getRound", [round_id])})
+        except Exception as exc:
+            raise as_chain_error(exc) from None
+        r = decode(ROUND_FIELDS[:len(data) // 32], data)
+        return RoundInfo(round_id, r[0], r[1], r[2], r[3], RoundState(r[4]), r[5], *r[6:])
 
     def submission_commitment(self, round_id: int, node: str) -> bytes:
         return bytes(self._view(self.contract.functions.submissionOf(round_id, Web3.to_checksum_address(node))))

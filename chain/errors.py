@@ -53,6 +53,9 @@ _TEMPLATES = {
     "AlreadySubmitted": lambda a: f"{a[1]} already submitted an update to round {a[0]}",
     "VerdictCountMismatch": lambda a: f"round {a[0]} has {a[1]} submissions but {a[2]} verdicts were given",
     "QuorumNotReached": lambda a: f"round {a[0]} has {a[1]} accepted updates, fewer than its quorum {a[2]}",
+    "SubmissionsClosed": lambda a: f"round {a[0]} takes no more submissions: its survivors are fixed for unmasking",
+    "UnmaskNotRequested": lambda a: f"round {a[0]}'s survivors are not fixed yet: no shares can be revealed",
+    "AlreadyRevealed": lambda a: f"{a[1]} already revealed its shares for round {a[0]}",
 }
 
 

@@ -425,6 +425,53 @@ def nothing_accepted(fed):
     return lambda: finalize(fed, round_id, b"\7"), [f"round {round_id} has 0 accepted"]
 
 
+@case("SubmissionsClosed")
+def submit_after_unmask_requested(fed):
+    first, second = fed.approved_nodes(2)
+    round_id = fed.open_round()
+    submit(fed, first, round_id)
+    fed.aggregator.request_unmask(round_id, fed.digest("survivors"))
+    return lambda: submit(fed, second, round_id), [f"round {round_id} takes no more submissions"]
+
+
+@case("SubmissionsClosed")
+def request_unmask_twice(fed):
+    round_id = fed.open_round()
+    fed.aggregator.request_unmask(round_id, fed.digest("survivors"))
+    return lambda: fed.aggregator.request_unmask(round_id, fed.digest("other")), [f"round {round_id} "]
+
+
+@case("UnmaskNotRequested")
+def reveal_before_survivors(fed):
+    [node] = fed.approved_nodes(1)
+    round_id = fed.open_round()
+    submit(fed, node, round_id)
+    return lambda: node.reveal_shares(round_id, fed.digest("reveal")), [f"round {round_id}'s survivors"]
+
+
+@case("AlreadyRevealed")
+def reveal_twice(fed):
+    [node] = fed.approved_nodes(1)
+    round_id = fed.open_round()
+    fed.aggregator.request_unmask(round_id, fed.digest("survivors"))
+    node.reveal_shares(round_id, fed.digest("reveal"))
+    return lambda: node.reveal_shares(round_id, fed.digest("again")), [node.address, f"round {round_id}"]
+
+
+@case("NotParticipant")
+def stranger_reveals(fed):
+    stranger = fed.client(1)
+    round_id = fed.open_round()
+    fed.aggregator.request_unmask(round_id, fed.digest("survivors"))
+    return lambda: stranger.reveal_shares(round_id, fed.digest("reveal")), [stranger.address, "status None"]
+
+
+@case("NotAggregator")
+def admin_requests_unmask(fed):
+    round_id = fed.open_round()
+    return lambda: fed.admin.request_unmask(round_id, fed.digest("survivors")), [fed.admin.address]
+
+
 @case("AccessControlUnauthorizedAccount")
 def node_approves(fed):
     node, other = fed.joined_nodes([1, 2])

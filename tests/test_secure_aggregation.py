@@ -257,3 +257,18 @@ def test_a_node_without_a_registered_key_is_refused_from_a_masked_round(icd_base
     _, verdicts = fed.aggregator.verify(rec)
     assert verdicts[-1].reason == Reason.KEY_NOT_REGISTERED
     assert "signed by" in verdicts[-1].detail
+
+
+def test_the_unmasking_phase_on_chain(embedded_fed):
+    """Fixing the survivors closes the round to submissions; each reveal is logged for the audit (the errors of
+    both calls are cases of tests/test_contracts.py)."""
+    fed = embedded_fed
+    [node] = fed.approved_nodes(1)
+    round_id = fed.open_round()
+    fed.submit_all(round_id, [node])
+    assert not fed.admin.round(round_id).submissions_closed
+    fed.aggregator.request_unmask(round_id, fed.digest("survivors"))
+    assert fed.admin.round(round_id).submissions_closed
+    node.reveal_shares(round_id, fed.digest("reveal"))
+    assert node.reveal_commitment(round_id, node.address) == fed.digest("reveal")
+    assert [e.name for e in fed.admin.events()][-2:] == ["UnmaskRequested", "SharesRevealed"]

@@ -40,7 +40,7 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
         f" registry status {status}")
     watch = Stopwatch()
     node = Node(fed, p.store, p.trainer, p.client, p.rules, p.config.train, watch,
-                p.config.resolve(p.config.model.private_dir))
+                p.config.resolve(p.config.model.private_dir), log=log)
     ledger = Ledger(fed)
     evaluations, passed = {}, set()  # rounds this node takes no part in any more (said once each)
 

@@ -55,11 +55,11 @@ class UpdateMetrics(BaseModel):
     privacy: dict | None = None
 
 
-def fetch_document(store: Storage, digest: bytes, schema: type[BaseModel]):
+def fetch_document(store: Storage, digest: bytes, schema: type[BaseModel], max_bytes: int = MAX_DOCUMENT_BYTES):
     """The document named by a raw CID digest, parsed with `schema`; DocumentError says why not (StorageUnreachable
     when the store does not answer at all: no verdict on the document)."""
     try:
-        data = fetch_verified(store, digest, digest, MAX_DOCUMENT_BYTES)
+        data = fetch_verified(store, digest, digest, max_bytes)
     except PublishError as exc:
         raise DocumentError(str(exc), missing=True) from None
     try:

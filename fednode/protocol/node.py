@@ -25,7 +25,7 @@ from .publish import fetch_adapter, fetch_rules, publish_bytes, publish_json
 from .rules import FederationRules
 from .secagg import keys as secagg_keys
 from .secagg.masking import apply_mask, merge_weight, pair_sign, quantize, to_state
-from .secagg.shares import SELF, SurvivorsDocument, deal, fetch_share_document, reveal
+from .secagg.shares import MAX_RAW_DOCUMENT, SELF, SurvivorsDocument, deal, fetch_share_document, reveal
 
 
 class NodeError(RuntimeError):
@@ -55,10 +55,11 @@ class SubmittedUpdate:
 class Node:
     def __init__(self, fed: Federation, store: Storage, trainer: AdapterTrainer, client: ClientData,
                  rules: FederationRules, train: TrainSettings, stopwatch: Stopwatch | None = None,
-                 private_dir: Path | None = None, adapter_config: dict | None = None):
+                 private_dir: Path | None = None, adapter_config: dict | None = None, log=print):
         """`private_dir` keeps the hospital's private adapter (personalized rules) between rounds and restarts;
         None keeps it in memory. `adapter_config` is this node's own (default: its trainer's; a node that only
-        joins may have no trainer)."""
+        joins may have no trainer). `log` says what a hospital's operator must know (unusable share bundles)."""
+        self.log = log
         self.fed = fed
         self.store = store
         self.trainer = trainer
@@ -74,6 +75,7 @@ class Node:
         self.private = PrivateAdapters(private_dir, self.federation_id, fed.address)
         self.ledger = Ledger(fed)
         self._cards: dict[bytes, ModelCard | str] = {}
+        self._keys: dict[int, dict[str, bytes]] = {}  # masked rounds' participants (fixed when a round opens)
 
     @property
     def address(self) -> str:
@@ -179,6 +181,8 @@ class Node:
 
     def round_keys(self, rec: RoundRecord) -> dict[str, bytes]:
         """The participants of a masked round (active when it opened, with a registered key) and their keys."""
+        if rec.round_id in self._keys:
+            return self._keys[rec.round_id]
         with self.stopwatch("chain"):
             history = self.ledger.refresh()
         with self.stopwatch("storage"):
@@ -187,6 +191,7 @@ class Node:
         if self.address not in keys:
             raise NodeError(f"round {rec.round_id} is securely aggregated, but this node was no participant with a "
                             f"registered key when it opened")
+        self._keys[rec.round_id] = keys
         return keys
 
     def masked(self, rec: RoundRecord, rules: FederationRules, start: dict, state: dict) -> bytes:
@@ -224,7 +229,7 @@ class Node:
         keys = self.round_keys(rec)
         digest = rec.unmask.survivors_digest
         with self.stopwatch("storage"):
-            survivors = fetch_document(self.store, digest, SurvivorsDocument)
+            survivors = fetch_document(self.store, digest, SurvivorsDocument, MAX_RAW_DOCUMENT)
             submitted = {s.node for s in rec.submissions}
             if (survivors.federation.lower(), survivors.round) != (self.federation_id.lower(), rec.round_id) \
                     or not set(survivors.survivors) <= submitted:
@@ -235,7 +240,7 @@ class Node:
             doc, problems = reveal(secagg_keys.agreement_key(self.fed.sender.account, self.federation_id),
                                    self.address, survivors, digest, docs, keys)
         for problem in problems:
-            print(f"round {rec.round_id}: {problem}")
+            self.log(f"round {rec.round_id}: {problem}")
         with self.stopwatch("storage"):
             _, reveal_digest = publish_json(self.store, doc.model_dump())
         with self.stopwatch("chain"):

@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from ...canonical import canonical_json
 from ...storage import Storage, StorageError, StorageUnreachable
-from ...storage.cid import cid_of
+from ...storage.cid import CHUNK_SIZE, cid_of
 from .keys import SEED_BYTES, bundle_key
 from .masking import SecureAggregationError
 
 MAX_SHARES_BYTES = 16 * 1024 * 1024
+MAX_RAW_DOCUMENT = CHUNK_SIZE  # survivors and reveal documents: one raw block, named on-chain by its sha256
 SELF = "self"  # the label of the self-mask seed; a pair seed is labelled with the peer's address
 HALF = SEED_BYTES // 2
 

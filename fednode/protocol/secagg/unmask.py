@@ -11,8 +11,8 @@ from ...storage import Storage
 from ...strategies.base import WeightedUpdate
 from ..documents import DocumentError, fetch_document
 from .masking import SecureAggregationError, SecureSettings, apply_mask, dequantize, from_state, pair_sign
-from .shares import (SELF, RevealDocument, ShareDocument, SurvivorsDocument, combine, secret_commitment,
-                     share_commitment, wanted)
+from .shares import (MAX_RAW_DOCUMENT, SELF, RevealDocument, ShareDocument, SurvivorsDocument, combine,
+                     secret_commitment, share_commitment, wanted)
 
 
 class UnmaskError(SecureAggregationError):
@@ -104,7 +104,7 @@ def load_secure_round(store: Storage, rec, rules, verdicts: Sequence, participan
     that are missing or answer another round are left out and named in `problems`."""
     digest = rec.unmask.survivors_digest
     try:
-        survivors = fetch_document(store, digest, SurvivorsDocument)
+        survivors = fetch_document(store, digest, SurvivorsDocument, MAX_RAW_DOCUMENT)
     except DocumentError as exc:
         raise UnmaskError(f"survivors document: {exc}") from None
     docs = {v.submission.node: v.shares for v in verdicts if v.accepted}
@@ -114,7 +114,7 @@ def load_secure_round(store: Storage, rec, rules, verdicts: Sequence, participan
     reveals, problems = [], []
     for event in rec.reveals:
         try:
-            doc = fetch_document(store, event.reveal_digest, RevealDocument)
+            doc = fetch_document(store, event.reveal_digest, RevealDocument, MAX_RAW_DOCUMENT)
         except DocumentError as exc:
             problems.append(f"{event.node}'s reveal document: {exc}")
             continue
