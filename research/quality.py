@@ -164,6 +164,10 @@ PRESETS: dict[str, BenchConfig] = {
     "privacy": BenchConfig(settings=("icd10:natural",), seeds=(0, 1, 2),
                            methods=("fedavg", "dp_sgd-1", "dp_sgd-3", "dp_sgd-8"), rounds=3, train_per_client=4096,
                            mc_items=8, train=TrainSettings(steps=5, batch_size=256, lr=1e-2)),
+    # update encodings against float32 (and secure aggregation's fixed point) on the same partitions
+    "encodings": BenchConfig(settings=("icd10:natural", "drugs:natural"), seeds=(0, 1, 2),
+                             methods=("fedavg", "fp16", "bf16", "int8", "int8-top10", "secagg"), rounds=3,
+                             train=TrainSettings(steps=20)),
     # sized for about 45 minutes on 2 CPU cores (~5 s per step of batch 8, ~15 s per scored split)
     "smollm2": BenchConfig(model="smollm2", settings=("icd10:natural", "drugs:natural"), rounds=3,
                            eval_per_client=32, mc_items=12, train=TrainSettings(steps=4)),
@@ -260,15 +264,17 @@ def hospital_models(nodes: Sequence, trainer: AdapterTrainer, state: State, next
 
 def round_measures(rules, updates: Sequence, result) -> dict:
     """What a federated round adds to its record: the accepted updates' norms, the DP accounting the nodes
-    published, and (LoRA) the relative error of plain FedAvg (equal ranks) and the exact merge's SVD truncation
+    published, the bytes each hospital uploaded and the global adapter's (what each downloads next), and (LoRA,
+    unmasked) the relative error of plain FedAvg (equal ranks) and the exact merge's SVD truncation
     residual against the weighted mean of the accepted updates' products (lora_math.aggregation_error)."""
     accepted = result.accepted
-    out: dict = {"update_norms": [v.update_norm for v in accepted]}
+    out: dict = {"update_norms": [v.update_norm for v in accepted],
+                 "bytes": {"upload": [u.size for u in updates], "download": result.size}}
     if rules.private:
         keys = ("epsilon", "pre_clip_norm", "clipped") if rules.dp else ("epsilon", "noise_multiplier",
                                                                          "sampling_rate", "clipped_fraction")
         out["privacy"] = [{k: u.metrics["privacy"][k] for k in keys} for u in updates]
-    if rules.adapter == "lora":
+    if rules.adapter == "lora" and rules.secure is None:  # masked updates have no products to compare
         samples = sum(v.submission.num_samples for v in accepted)
         out["aggregation_error"] = aggregation_error([(v.state, v.adapter_config) for v in accepted],
                                                      [v.submission.num_samples / samples for v in accepted],

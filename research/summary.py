@@ -16,7 +16,8 @@ AGGREGATION_ERRORS = ("fedavg", "exact")  # lora_math.aggregation_error's overal
 def summarize(cfg: BenchConfig, scenarios: Sequence[dict]) -> dict:
     """Per setting and method: every final summary metric over seeds (mean, sd, values); per federated method
     also its differences to local and to centralized, the platform's share of its round wall time, its DP
-    epsilon (DP methods) and its aggregation error over every round and seed (LoRA methods)."""
+    epsilon (DP methods), its aggregation error over every round and seed (LoRA methods), the bytes a hospital
+    uploads and downloads per round, and (beside FedAvg) its differences to FedAvg, paired by seed."""
     out = {}
     for setting in dict.fromkeys(s["setting"] for s in scenarios):
         runs = [s for s in scenarios if s["setting"] == setting]
@@ -27,6 +28,9 @@ def summarize(cfg: BenchConfig, scenarios: Sequence[dict]) -> dict:
             methods[m] = {"kind": method_kind(m), "final": {k: _spread(v) for k, v in final[m].items()}}
             if m in FEDERATED:
                 methods[m] |= _federated_summary(final, m, [s["methods"][m]["training"] for s in runs])
+                if m != "fedavg" and "fedavg" in final:  # paired by seed: what the method changes against FedAvg
+                    methods[m]["minus_fedavg"] = {k: _spread([f - v for f, v in zip(final[m][k], final["fedavg"][k])])
+                                                  for k in DIFF_METRICS}
         out[setting] = {"seeds": [s["scenario"]["seed"] for s in runs], "methods": methods}
     return out
 
@@ -40,6 +44,9 @@ def _federated_summary(final: Mapping[str, dict], method: str, trainings: Sequen
                       "platform_fraction": platform / wall, "training_fraction": training / wall}
     if "privacy" in trainings[0]:
         out["epsilon"] = _spread([t["privacy"]["epsilon"] for t in trainings])
+    if "bytes" in rounds[0]:  # per hospital per round
+        out["bytes"] = {"upload": _spread([b for r in rounds for b in r["bytes"]["upload"]]),
+                        "download": _spread([r["bytes"]["download"] for r in rounds])}
     if "aggregation_error" in rounds[0]:
         out["aggregation_error"] = {k: _spread([r["aggregation_error"][k] for r in rounds])
                                     for k in AGGREGATION_ERRORS if k in rounds[0]["aggregation_error"]}

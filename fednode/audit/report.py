@@ -43,6 +43,7 @@ class SubmissionAudit:
     detail: str = ""
     update_norm: float | None = None
     metrics: dict | None = None      # the node's published metrics document
+    bytes: int | None = None         # size of the update file (what the hospital uploaded), when fetched
     status: Status | None = None     # MISMATCH / UNAVAILABLE when this update fails the audit
 
 
@@ -170,8 +171,9 @@ class AuditReport:
                          f"{short(res.cid, 22) if res else '':<24} {res.gas if res else '':>8}  {r.status}{eps}")
             for s in r.submissions:
                 again = f" -> {s.recomputed}" if s.recomputed and s.recomputed != s.verdict else ""
+                size = f"  {s.bytes / 1024:.1f} KiB" if s.bytes is not None else ""
                 lines.append(f"  {'':>5} #{s.index:<3} {s.hospital or short(s.node, 10):<12} {s.num_samples:>6} "
-                             f"samples  {short(s.cid, 22):<24} {s.gas:>8}  {s.verdict or 'pending'}{again}")
+                             f"samples  {short(s.cid, 22):<24} {s.gas:>8}  {s.verdict or 'pending'}{again}{size}")
             for f in r.findings:
                 lines.append(f"  {'':>5} {f.status}: {f.message}")
             for note in r.notes:

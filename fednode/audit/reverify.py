@@ -25,9 +25,11 @@ from .report import RoundAudit, Status, indices
 from .sources import Sources
 
 
-def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) -> tuple[Verdict, Verdict, bool]:
+def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources
+                        ) -> tuple[Verdict, Verdict, bool, int | None]:
     """(verdict the rules give on the submission by itself, verdict on its bytes alone, whether the verdict is
-    determined: not UNAVAILABLE, and the store served the bytes its CID names). The bytes are checked even when
+    determined: not UNAVAILABLE, and the store served the bytes its CID names; the size of the bytes fetched,
+    None when none were). The bytes are checked even when
     an earlier check already rejects the update, so that a merged update of a revoked node can be recomputed when
     explaining a mismatching global adapter."""
     with sources.watch("fetch"):
@@ -41,6 +43,7 @@ def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) ->
         except StorageUnreachable as exc:
             cid, fetched = "", Verdict(sub, Reason.UNAVAILABLE, str(exc))
         intact = not isinstance(fetched, Verdict) and cid_of(fetched) == cid
+    size = None if isinstance(fetched, Verdict) else len(fetched)
     if isinstance(fetched, Verdict):
         content = fetched
     else:
@@ -50,8 +53,8 @@ def reverify_submission(sub: Submission, ctx: RoundContext, sources: Sources) ->
             except StorageUnreachable as exc:
                 content, intact = Verdict(sub, Reason.UNAVAILABLE, f"share document: {exc}"), False
     if early is not None:
-        return early, content, early.reason not in UNAVAILABLE_REASONS
-    return content, content, intact
+        return early, content, early.reason not in UNAVAILABLE_REASONS, size
+    return content, content, intact, size
 
 
 def reverify_round(rec: RoundRecord, ra: RoundAudit, sources: Sources, history: History,
@@ -79,8 +82,8 @@ def reverify_round(rec: RoundRecord, ra: RoundAudit, sources: Sources, history: 
     if rules.secure is not None:
         ctx.keys, ctx.unkeyed = participant_keys(history.participants, cards, federation_id, rec.opened_block)
     now, undetermined, excluded = [], set(), set()  # per position: (verdict now, verdict for screening, content)
-    for sub in rec.submissions:
-        verdict, content, determined = reverify_submission(sub, ctx, sources)
+    for sub, sa in zip(rec.submissions, ra.submissions, strict=True):
+        verdict, content, determined, sa.bytes = reverify_submission(sub, ctx, sources)
         if content.accepted:
             inputs.content[sub.index] = content
         onchain, screened_as = f.verdicts[sub.index], verdict

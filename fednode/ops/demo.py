@@ -98,6 +98,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                          "eval_perplexity": evals[node.client.name]["perplexity"], "cid": u.cid,
                          "file_sha256": u.file_sha256.hex(), "metrics_cid": u.metrics_cid,
                          "tx": u.receipt.tx_hash, "gas": u.receipt.gas_used, "verdict": v.reason.name,
+                         "bytes_up": u.size, "bytes_down": result.size,
                          "update_norm": v.update_norm, "epsilon": u.metrics.get("privacy", {}).get("epsilon"),
                          "personal_eval_loss": u.metrics.get("personal_eval_loss")})
         summary = _summary(evals)
@@ -105,7 +106,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                        "rules_digest": rec.rules_digest.hex(), "updates": rows,
                        "global": {"cid": result.cid, "file_sha256": result.file_sha256.hex(),
                                   "tx": result.receipt.tx_hash, "gas": result.receipt.gas_used,
-                                  "accepted": len(result.accepted),
+                                  "accepted": len(result.accepted), "bytes": result.size,
                                   "verdicts": [int(v.reason) for v in result.verdicts]},
                        "eval": evals, **summary})
         _print_round(log, r, rows, rounds[-1])

@@ -33,6 +33,7 @@ class RoundResult:
     cid_digest: bytes
     file_sha256: bytes
     receipt: Receipt
+    size: int = 0  # bytes of the global adapter file (what each hospital downloads to start the next round)
 
     @property
     def accepted(self) -> list[Verdict]:
@@ -203,4 +204,4 @@ class Aggregator:
         with self.stopwatch("chain"):
             receipt = self.fed.finalize(rec.round_id, cid_digest, sha, bytes(int(v.reason) for v in verdicts))
         self.log(f"round {rec.round_id} finalized: {len(accepted)}/{len(verdicts)} updates merged, global {cid}")
-        return RoundResult(rec.round_id, verdicts, merged.state, cid, cid_digest, sha, receipt)
+        return RoundResult(rec.round_id, verdicts, merged.state, cid, cid_digest, sha, receipt, len(merged.data))

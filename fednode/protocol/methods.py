@@ -24,6 +24,8 @@ class Method:
     adapter: str = "lora"
     client_ranks: tuple[int, ...] = ()  # hospital i trains LoRA rank client_ranks[i % len]; () = the global rank
     server_clip: float = 0.0            # the rules' server-side clipping (multiple of the round's median norm)
+    encoding: dict = field(default_factory=dict)            # the rules' update encoding ({} = float32)
+    secure_aggregation: dict = field(default_factory=dict)  # the rules' secure aggregation ({} = off)
 
     def global_config(self, lora: LoraSettings, prompt: PromptSettings) -> dict:
         return (lora if self.adapter == "lora" else prompt).to_json()
@@ -41,9 +43,12 @@ class Method:
         if privacy.get("mechanism") == "dp_sgd":
             train = train or TrainSettings()
             privacy = {**privacy, "steps": train.steps, "batch_size": train.batch_size}
+        secure = {"secure_aggregation": self.secure_aggregation, "copy_threshold": 0.0} if self.secure_aggregation \
+            else {}
         return FederationRules(base_model=base_digest, lora=self.global_config(lora, prompt),
                                aggregation=self.aggregation, params=self.params, client=self.client,
-                               privacy=privacy, adapter=self.adapter, server_clip=self.server_clip, **overrides)
+                               privacy=privacy, adapter=self.adapter, server_clip=self.server_clip,
+                               encoding=self.encoding, **secure, **overrides)
 
     @property
     def min_clients(self) -> int:
@@ -95,6 +100,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            aggregation="multi_krum", params={"f": 1, "m": 3}),
     Method("clipped_fedavg", "FedAvg of the updates clipped server-side to the round's median update norm",
            server_clip=1.0),
+    Method("fp16", "FedAvg of updates sent as float16 deltas", encoding={"dtype": "float16"}),
+    Method("bf16", "FedAvg of updates sent as bfloat16 deltas", encoding={"dtype": "bfloat16"}),
+    Method("int8", "FedAvg of updates sent as int8 deltas, one float32 scale per 128 values",
+           encoding={"dtype": "int8"}),
+    Method("int8-top10", "FedAvg of updates sent as the 10% largest deltas per tensor, int8 with 128-value scales",
+           encoding={"dtype": "int8", "top_k": 0.1}),
+    Method("secagg", "FedAvg under secure aggregation: masked updates, only their sum is unmasked (threshold 0.6, "
+                     "clip 1, 2^-20 fixed point)",
+           secure_aggregation={"threshold": 0.6, "clip": 1.0, "scale_bits": 20}),
 )}
 
 

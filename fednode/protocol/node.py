@@ -2,6 +2,7 @@
 packages, publishes and anchors its update. Patient text never leaves this object."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..learning.training import AdapterTrainer
 from ..storage import Storage
 from ..timing import Stopwatch
 from .documents import ModelCard, fetch_document, read_cards
+from .encoding import METADATA_KEY as ENCODING_KEY
 from .ledger import Ledger, RoundRecord
 from .packaging import SHARES_KEY, WEIGHT_KEY, adapter_metadata, pack_adapter
 from .private_adapters import PrivateAdapters
@@ -50,6 +52,7 @@ class SubmittedUpdate:
     metrics: dict
     metrics_cid: str
     receipt: Receipt
+    size: int = 0  # bytes of the update file (what the hospital uploads besides its small documents)
 
 
 class Node:
@@ -175,8 +178,12 @@ class Node:
                                                       rec.round_id)
         if rules.secure is not None:
             return LocalUpdate(rec.round_id, self.masked(rec, rules, start, state), len(self.client.train), metrics)
+        encoding = rules.update_encoding
+        extra = None
+        if encoding is not None:  # the delta from the start adapter, encoded as the rules say
+            state, extra = encoding.encode(state, start), {ENCODING_KEY: json.dumps(encoding.to_json(), sort_keys=True)}
         meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
-                                self.adapter_config, "update")
+                                self.adapter_config, "update", extra)
         return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)
 
     def round_keys(self, rec: RoundRecord) -> dict[str, bytes]:
@@ -264,7 +271,7 @@ class Node:
             metrics_cid, metrics_digest = publish_json(self.store, metrics)
         with self.stopwatch("chain"):
             receipt = self.fed.submit_update(round_id, cid_digest, sha, num_samples, metrics_digest)
-        return SubmittedUpdate(round_id, cid, cid_digest, sha, num_samples, metrics, metrics_cid, receipt)
+        return SubmittedUpdate(round_id, cid, cid_digest, sha, num_samples, metrics, metrics_cid, receipt, len(data))
 
     def participate(self, rec: RoundRecord) -> SubmittedUpdate | None:
         """Train, publish and submit for an open round; None if this node already submitted to it (a restart)."""

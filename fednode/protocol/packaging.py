@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from .rules import FederationRules
 
 METADATA_KEY = "__metadata__"
+# the dtypes a file keeps (any other float is written as float32): float32 adapters, the encodings'
+# (fednode.protocol.encoding) float16 / bfloat16 / int8 values and int32 indices, masked updates' int64
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.int32: "I32",
+          torch.int64: "I64"}
 ALIGNMENT = 8
 SERVER_STATE_KEY = "fedchain.server_state"   # global adapter metadata: CID of the server optimizer state
 SHARES_KEY = "fedchain.secagg.shares"        # masked update metadata: CID of its share document ...
@@ -35,8 +39,8 @@ class AdapterError(ValueError):
 
 
 def pack_adapter(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """Canonical safetensors bytes: sorted compact JSON header padded with spaces to 8 bytes, float32 (int64 for
-    the integer tensors of a masked update) little-endian data in sorted-name order. The same weights and metadata
+    """Canonical safetensors bytes: sorted compact JSON header padded with spaces to 8 bytes, little-endian data in
+    sorted-name order, float32 unless the tensor is of another kept dtype (DTYPES). The same weights and metadata
     always give the same bytes."""
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise AdapterError("bad_metadata", "adapter metadata keys and values must all be strings")
@@ -46,10 +50,10 @@ def pack_adapter(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str])
     chunks: list[bytes] = []
     offset = 0
     for name in sorted(state):
-        masked = state[name].dtype == torch.int64  # a masked update (secure aggregation): integers modulo 2^64
-        tensor = state[name].detach().to("cpu", torch.int64 if masked else torch.float32)
+        dtype = state[name].dtype if state[name].dtype in DTYPES else torch.float32
+        tensor = state[name].detach().to("cpu", dtype)
         chunks.append(le_bytes(tensor))
-        header[name] = {"dtype": "I64" if masked else "F32", "shape": list(tensor.shape),
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + len(chunks[-1])]}
         offset += len(chunks[-1])
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()

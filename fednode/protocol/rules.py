@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..canonical import canonical_json
 from ..learning.settings import ADAPTERS, ClientObjective, LoraSettings, PromptSettings, SettingsError
 from ..strategies.base import RulesError
+from .encoding import EncodingError, UpdateEncoding
 
 if TYPE_CHECKING:
     from ..learning.dp_sgd import RecordDP
@@ -25,7 +26,8 @@ RULES_VERSION = 2  # 2 adds merge_order, copy_threshold, max_weight_share, serve
 # sample counts and metrics documents; version 1 documents name none of these and mean LEGACY
 MERGE_ORDERS = ("sha256", "submission")
 LEGACY = {"merge_order": "submission", "copy_threshold": 0.0, "max_weight_share": 1.0, "server_clip": 0.0}
-OPTIONAL = {"secure_aggregation": {}}  # left out of the document when off, so older documents keep their digest
+OPTIONAL = {"secure_aggregation": {}, "encoding": {}}  # left out of the document when off, so older documents
+# keep their digest
 SECURE_RULES = ("fedavg", "fedavgm", "fedadam", "fedyogi")  # rules that need only the sum of the updates
 __all__ = ["RULES_VERSION", "FederationRules", "RulesError"]
 
@@ -57,6 +59,8 @@ class FederationRules:
     # norm before the rule merges it; 0 = off
     secure_aggregation: dict = field(default_factory=dict)  # {} (off) or fednode.protocol.secagg.masking.
     # SecureSettings ({"threshold": 0.6, "clip": 1.0, "scale_bits": 20}): updates are masked, only their sum is seen
+    encoding: dict = field(default_factory=dict)  # {} (float32 adapters) or fednode.protocol.encoding.UpdateEncoding
+    # ({"dtype": "int8", "block_size": 64, "top_k": 0.0}): updates travel as encoded deltas from the start adapter
     version: int = RULES_VERSION
 
     def __post_init__(self):
@@ -100,6 +104,14 @@ class FederationRules:
                 raise RulesError("privacy: dp_sgd needs rules version 2")
         if self.secure_aggregation != {}:
             self._check_secure()
+        if self.encoding != {}:
+            try:
+                self.update_encoding
+            except EncodingError as exc:
+                raise RulesError(f"encoding: {exc}") from None
+            if self.version < 2 or self.secure_aggregation != {}:
+                raise RulesError("encoding needs rules version 2 and no secure_aggregation (masked updates are "
+                                 "integers modulo 2^64)")
 
     def _check_secure(self) -> None:
         """Secure aggregation needs a rule of the mean alone and no check that reads a single update's values."""
@@ -151,6 +163,11 @@ class FederationRules:
         from .secagg.masking import SecureSettings
 
         return SecureSettings.from_rules(self.secure_aggregation)
+
+    @property
+    def update_encoding(self) -> UpdateEncoding | None:
+        """How updates travel; None for plain float32 adapters."""
+        return UpdateEncoding.from_rules(self.encoding)
 
     @property
     def private(self) -> bool:

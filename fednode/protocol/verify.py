@@ -20,6 +20,8 @@ from ..storage import Storage, StorageError, StorageTooLarge, StorageUnreachable
 from ..storage.cid import CIDError, cid_digest, cid_of, normalize_cid
 from .documents import DocumentError, ModelCard, UpdateMetrics, fetch_document
 from .ledger import ParticipantRecord, Submission
+from .encoding import METADATA_KEY as ENCODING_KEY
+from .encoding import EncodingError
 from .packaging import SHARES_KEY, WEIGHT_KEY, AdapterError, unpack_adapter
 from .publish import fetch_named, locate
 from .rules import FederationRules
@@ -142,11 +144,21 @@ def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
         if wrong is not None:
             return reject(Reason.BAD_METADATA, wrong)
     start = truncate(ctx.global_state, ctx.rules.lora, config)
+    encoding = ctx.rules.update_encoding
+    if encoding is not None:  # an encoded delta: decoded to start + delta (float64), then checked like any update
+        declared = meta.get(ENCODING_KEY)
+        if declared != json.dumps(encoding.to_json(), sort_keys=True):
+            return reject(Reason.BAD_METADATA, f"{ENCODING_KEY} is {declared!r}, the rules say {encoding.to_json()}")
+        try:
+            state = encoding.decode(state, start)
+        except EncodingError as exc:
+            return reject(Reason.SHAPE_MISMATCH, str(exc))
     if sorted(state) != sorted(start):
         missing = sorted(set(start) - set(state))[:2]
         extra = sorted(set(state) - set(start))[:2]
         return reject(Reason.SHAPE_MISMATCH, f"tensor names differ (missing {missing}, unexpected {extra})")
-    dtype = torch.int64 if secure is not None else None  # masked: integers modulo 2^64, any value is valid
+    # masked: integers modulo 2^64 (any value is valid); encoded: decoded to float64; else the start's float32
+    dtype = torch.int64 if secure is not None else torch.float64 if encoding is not None else None
     for key in sorted(state):
         want = start[key]
         if state[key].shape != want.shape or state[key].dtype != (dtype or want.dtype):
@@ -157,7 +169,8 @@ def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
     if secure is not None:  # values, norms and frozen tensors are hidden by the masks until the sum
         return Verdict(sub, Reason.ACCEPTED, "masked update", state, None, config, normalize_cid(meta[SHARES_KEY]))
     if ctx.rules.objective.freeze_a:
-        changed = next((k for k in sorted(state) if ".lora_A." in k and not torch.equal(state[k], start[k])), None)
+        changed = next((k for k in sorted(state) if ".lora_A." in k
+                       and not torch.equal(state[k], start[k].to(state[k].dtype))), None)
         if changed is not None:
             return reject(Reason.FROZEN_CHANGED, f"{changed} differs from the global adapter's (A is frozen)")
     norm = update_norm(state, start)
