@@ -13,6 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from ..flat import concat
+
 from ..canonical import le_bytes
 from ..storage.cid import cid_of
 
@@ -64,7 +66,7 @@ def unpack_adapter(data: bytes, max_bytes: int) -> tuple[dict[str, torch.Tensor]
     metadata = header.get(METADATA_KEY)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterError("bad_metadata", "adapter header lacks a string-valued __metadata__ table")
-    return state, metadata
+    return concat(state), metadata
 
 
 def _header(data: bytes) -> dict:
