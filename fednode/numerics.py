@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .flat import Layout, contiguous_view
-
 
 def fixed_sum(x: torch.Tensor) -> float:
     """The sum of a tensor's elements in float64, as a fixed binary tree: pad to a power of two with zeros, then
@@ -25,11 +23,13 @@ def fixed_sum(x: torch.Tensor) -> float:
     return float(tree[0])
 
 
-def fixed_sums_of_squares(xs: Sequence[torch.Tensor]) -> list[float]:
-    """[fixed_sum(x ** 2) for x in xs] (x in float64) with the same bits, batched: tensors of the same size are the
-    rows of one matrix whose columns are halved together, one kernel call per tree level for the whole batch. The
-    zero padding of fixed_sum's tree is not stored: a pair of padding zeros sums to zero and x + 0 is x, so only
-    the pairs that hold a value are added (one zero column stands in for the padding of an odd length)."""
+def fixed_sums_of_squares(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None = None) -> list[float]:
+    """[fixed_sum((x - y) ** 2) for x, y in zip(xs, ys)] (x and y in float64; y = 0 without `ys`) with the same
+    bits, batched: tensors of the same size are the rows of one matrix whose columns are halved together, one
+    kernel call per tree level for the whole batch, and each row is written in place (no float64 copy of a whole
+    state). The zero padding of fixed_sum's tree is not stored: a pair of padding zeros sums to zero and x + 0 is
+    x, so only the pairs that hold a value are added (one zero column stands in for the padding of an odd
+    length)."""
     sums = [0.0] * len(xs)
     groups: dict[int, list[int]] = {}
     for i, x in enumerate(xs):
@@ -38,6 +38,8 @@ def fixed_sums_of_squares(xs: Sequence[torch.Tensor]) -> list[float]:
         tree = torch.zeros(len(members), size + 1, dtype=torch.float64)
         for row, i in enumerate(members):
             tree[row, :size] = xs[i].reshape(-1)
+            if ys is not None:
+                tree[row, :size] -= ys[i].reshape(-1)  # in float64: the float32 operand is widened exactly
         tree.pow_(2)
         other = torch.zeros(len(members), size // 2 + 2, dtype=torch.float64)
         while size > 1:  # level by level, into the other buffer
@@ -51,25 +53,16 @@ def fixed_sums_of_squares(xs: Sequence[torch.Tensor]) -> list[float]:
     return sums
 
 
-def _differences(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """a - b in float64 for every tensor of `b`, in sorted-name order: one subtraction over the flat buffers when
-    both states are laid out as one (`fednode.flat`), else tensor by tensor (the same values either way)."""
-    layout = Layout.of(b)
-    flat_a, flat_b = contiguous_view(a, layout), contiguous_view(b, layout)
-    if flat_a is not None and flat_b is not None:
-        return list(layout.view(flat_a.to(torch.float64) - flat_b.to(torch.float64)).values())
-    return [a[key].to(torch.float64) - b[key].to(torch.float64) for key in layout.names]
-
-
 def norm(state: Mapping[str, torch.Tensor]) -> float:
     """The global L2 norm of a state, tensor by tensor in sorted-name order."""
-    return math.sqrt(sum(fixed_sums_of_squares([state[key].to(torch.float64) for key in sorted(state)])))
+    return math.sqrt(sum(fixed_sums_of_squares([state[key] for key in sorted(state)])))
 
 
 def squared_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """||a - b||^2 over every tensor of `b` (float64), summed tensor by tensor in sorted-name order."""
+    keys = sorted(b)
     total = 0.0
-    for part in fixed_sums_of_squares(_differences(a, b)):
+    for part in fixed_sums_of_squares([a[key] for key in keys], [b[key] for key in keys]):
         total += part
     return total
 
