@@ -33,10 +33,11 @@ class Layout:
 
     def flatten(self, state: State, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The state's tensors in one buffer of `dtype`: a view when they already are consecutive slices of one
-        buffer of that dtype (as `view` and `concat` leave them), else a copy."""
+        buffer of that dtype (as `view` and `concat` leave them), one conversion of that buffer when they are
+        of another dtype, else a copy tensor by tensor."""
         flat = contiguous_view(state, self)
-        if flat is not None and flat.dtype == dtype:
-            return flat
+        if flat is not None:
+            return flat.to(dtype)
         out = torch.empty(self.size, dtype=dtype)
         for name, offset, shape in zip(self.names, self.offsets, self.shapes):
             out[offset:offset + shape.numel()] = state[name].reshape(-1)

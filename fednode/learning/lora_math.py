@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..flat import Layout
 from .settings import LoraSettings, SettingsError
 
 State = Mapping[str, torch.Tensor]
@@ -52,13 +53,15 @@ def lora_modules(state: State) -> dict[str, tuple[str, str]]:
 def factors(state: State, config: Mapping) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{prefix: (A, B)} in float64, checked to be matrices of the config's rank."""
     r = settings(config).r
+    layout = Layout.of(state)
+    state = layout.view(layout.flatten(state))  # float64, converted in one pass where the state is one buffer
     out = {}
     for prefix, (a_key, b_key) in lora_modules(state).items():
         a, b = state[a_key], state[b_key]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise LoraError(f"LoRA module {prefix!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, not rank {r} "
                             f"factors (r, in) and (out, r)")
-        out[prefix] = (a.to(F64), b.to(F64))
+        out[prefix] = (a, b)
     return out
 
 
