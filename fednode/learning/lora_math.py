@@ -153,13 +153,22 @@ def refactor_sum(terms: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]
                 svds[prefix] = (u[:, :r], sv, vh[:r])
             continue
         a_cat, b_cat = (torch.stack(parts) for parts in zip(*(_stacked(terms[p]) for p in prefixes)))
-        q_b, r_b = torch.linalg.qr(b_cat)
-        q_a, r_a = torch.linalg.qr(a_cat.mT)
-        u, sv, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
-        u, vh = q_b @ u[..., :r], vh[..., :r, :] @ q_a.mT
+        # Householder QR kept implicit (geqrf): Q is only ever applied to the r leading singular vectors (ormqr)
+        h_b, tau_b = torch.geqrf(b_cat)
+        h_a, tau_a = torch.geqrf(a_cat.mT)
+        u, sv, vh = torch.linalg.svd(h_b[..., :rank, :].triu() @ h_a[..., :rank, :].triu().mT, full_matrices=False)
+        u = torch.ormqr(h_b, tau_b, _padded(u[..., :r], out))
+        vh = torch.ormqr(h_a, tau_a, _padded(vh[..., :r, :].mT, inn)).mT
         for i, prefix in enumerate(prefixes):
             svds[prefix] = (u[i], sv[i], vh[i])
     return _truncated(svds, config)
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x (..., R, r) with zero rows appended to `rows`: what the full Q of a QR maps to Q_reduced @ x."""
+    out = torch.zeros(*x.shape[:-2], rows, x.shape[-1], dtype=x.dtype)
+    out[..., :x.shape[-2], :] = x
+    return out
 
 
 def _stacked(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
