@@ -13,7 +13,8 @@ import torch
 
 def fixed_sum(x: torch.Tensor) -> float:
     """The sum of a tensor's elements in float64, as a fixed binary tree: pad to a power of two with zeros, then
-    add the even and odd halves elementwise until one number is left."""
+    add the even and odd halves elementwise until one number is left. The definition that norms and distances
+    reproduce, batched, in `fixed_sums_of_squares`."""
     flat = x.detach().reshape(-1).to(torch.float64)
     size = 1 << max(0, flat.numel() - 1).bit_length()
     tree = torch.zeros(size, dtype=torch.float64)

@@ -13,9 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from ..flat import concat
-
 from ..canonical import le_bytes
+from ..flat import concat
 from ..storage.cid import cid_of
 
 if TYPE_CHECKING:

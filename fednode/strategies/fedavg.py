@@ -1,9 +1,9 @@
 """FedAvg (McMahan et al.), the base of every rule. Deterministic by construction: updates are taken in a canonical
 order and accumulated in float64 with separate multiply and add steps, so the same inputs give bit-identical output
 on any machine. The sums run over one flat float64 buffer per round (`fednode.flat`), which changes how many
-kernel calls there are, not a single bit. The order is the rules' `merge_order`: "sha256" (by the update file's digest, then submission
-index: the same accepted updates give the same bytes whatever order their transactions landed in) or
-"submission" (on-chain submission order, what rules documents before version 2 mean)."""
+kernel calls there are, not a single bit. The order is the rules' `merge_order`: "sha256" (by the update file's
+digest, then submission index: the same accepted updates give the same bytes whatever order their transactions
+landed in) or "submission" (on-chain submission order, what rules documents before version 2 mean)."""
 from __future__ import annotations
 
 import math
