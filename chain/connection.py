@@ -32,14 +32,49 @@ class RetryingHTTPProvider(Web3.HTTPProvider):
         return self.outage.call(once, lambda exc: isinstance(exc, (requests.ConnectionError, requests.Timeout)))
 
 
+def embedded_backend():
+    """eth-tester's py-evm backend, with transactions found by hash through the chain database's index. The
+    stock backend scans every block back from the head for each receipt, so a receipt, and `eth_getLogs` (one
+    receipt per transaction it reads), cost time proportional to the chain's length."""
+    from eth.exceptions import TransactionNotFound as EVMTransactionNotFound
+    from eth_tester import PyEVMBackend
+    from eth_tester.backends.pyevm.serializers import serialize_transaction, serialize_transaction_receipt
+    from eth_tester.exceptions import TransactionNotFound
+
+    class IndexedPyEVMBackend(PyEVMBackend):
+        def _locate(self, transaction_hash):
+            """(block, transaction, index, pending) of a transaction, from the head block or the hash index."""
+            head = self.chain.get_block()
+            for index, transaction in enumerate(head.transactions):
+                if transaction.hash == transaction_hash:
+                    return head, transaction, index, True
+            try:
+                number, index = self.chain.chaindb.get_transaction_index(transaction_hash)
+            except EVMTransactionNotFound:
+                raise TransactionNotFound(f"No transaction found for transaction hash: "
+                                          f"0x{bytes(transaction_hash).hex()}") from None
+            block = self.chain.get_canonical_block_by_number(number)
+            return block, block.transactions[index], index, False
+
+        def get_transaction_by_hash(self, transaction_hash):
+            return serialize_transaction(*self._locate(transaction_hash))
+
+        def get_transaction_receipt(self, transaction_hash):
+            block, transaction, index, pending = self._locate(transaction_hash)
+            return serialize_transaction_receipt(block, block.get_receipts(self.chain.chaindb), transaction, index,
+                                                 pending, self.chain.get_vm())
+
+    return IndexedPyEVMBackend()
+
+
 def connect(rpc: str = EMBEDDED, timeout: float = 30.0, outage_seconds: float = DEFAULT_OUTAGE_SECONDS) -> Web3:
     """`embedded` for a fresh in-process chain (eth-tester + py-evm), else an HTTP JSON-RPC URL whose outages of up
     to `outage_seconds` are ridden out (the first contact must succeed)."""
     if rpc == EMBEDDED:
-        from eth_tester import EthereumTester, PyEVMBackend
+        from eth_tester import EthereumTester
         from web3 import EthereumTesterProvider
 
-        return Web3(EthereumTesterProvider(EthereumTester(PyEVMBackend())))
+        return Web3(EthereumTesterProvider(EthereumTester(embedded_backend())))
     if not rpc.startswith(("http://", "https://")):
         raise ConnectionError_(f"rpc must be 'embedded' or an http(s) JSON-RPC URL, got {rpc!r}")
     provider = RetryingHTTPProvider(rpc, timeout)

@@ -41,16 +41,18 @@ class AnvilProcess:
 
 
 def start(state_dir: Path, port: int = 8545, block_time: float | None = None,
-          timeout: float = 30.0) -> AnvilProcess:
-    """Start anvil on 127.0.0.1:port in the background, its chain state kept in state_dir (survives a restart),
-    log in state_dir/anvil.log, pid in state_dir/anvil.pid. Returns once it answers eth_chainId."""
+          timeout: float = 30.0, persist: bool = True) -> AnvilProcess:
+    """Start anvil on 127.0.0.1:port in the background, its chain state kept in state_dir (survives a restart;
+    `persist=False`: in memory only, no periodic state dumps, for benchmarks), log in state_dir/anvil.log, pid in
+    state_dir/anvil.pid. Returns once it answers eth_chainId."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     if rpc_ready(url):
         raise AnvilError(f"something already answers JSON-RPC at {url}; stop it or pick another port")
-    args = [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(port),
-            "--state", str(state_dir / "anvil-state.json"), "--state-interval", "5"]
+    args = [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(port)]
+    if persist:
+        args += ["--state", str(state_dir / "anvil-state.json"), "--state-interval", "5"]
     if block_time:
         args += ["--block-time", str(block_time)]
     try:

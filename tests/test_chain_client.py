@@ -228,3 +228,25 @@ def test_cli_deploys_with_a_keystore(anvil, keystore, tmp_path):
 def test_cli_deploy_to_an_unreachable_rpc_fails_in_one_line():
     line = assert_one_line_error(fedchain("chain", "deploy", "--rpc", "http://127.0.0.1:1"))
     assert "http://127.0.0.1:1" in line
+
+
+def test_embedded_chain_finds_old_and_new_transactions_by_hash():
+    """The embedded backend looks transactions up through the chain's hash index (eth-tester scanned every block
+    back from the head): the first transaction of a longer chain is found in its block, with its receipt and
+    logs, and an unknown hash is still 'not found'."""
+    from eth_tester.exceptions import TransactionNotFound
+    from web3.exceptions import TransactionNotFound as Web3TransactionNotFound
+
+    w3 = connect("embedded")
+    funder = dev_account(w3, 0)
+    first = w3.eth.send_transaction({"from": funder.address, "to": dev_account(w3, 1).address, "value": 1})
+    for _ in range(5):
+        fund(w3, funder, dev_account(w3, 2).address, 1)
+    receipt, tx = w3.eth.get_transaction_receipt(first), w3.eth.get_transaction(first)
+    assert receipt["blockNumber"] == tx["blockNumber"] == 1 and receipt["status"] == 1
+    assert w3.eth.block_number == 6
+    backend = w3.provider.ethereum_tester.backend
+    with pytest.raises(TransactionNotFound):
+        backend.get_transaction_receipt(b"\x01" * 32)
+    with pytest.raises(Web3TransactionNotFound):
+        w3.eth.get_transaction_receipt("0x" + "01" * 32)

@@ -169,7 +169,9 @@ def test_refactor_is_deterministic_and_sign_normalised():
         assert b[:, 1:].abs().max() < 1e-6 and residual["modules"][p] < 1e-12
 
 
-@pytest.mark.parametrize("ranks", [(4, 4, 4), (1, 1)])  # total rank 12 > 3 (QR path), 2 < 3 (dense path)
+# total rank 12: at least both modules' size (dense SVD route); 6: below q_proj's size 10 (QR core route) and at
+# v_proj's size 6 (dense route) in one call; 4: below both (QR route); 2 < r = 3 (dense, zero directions)
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 2, 2), (2, 2), (1, 1)])
 def test_refactor_of_a_sum_of_terms_equals_refactor_of_the_dense_sum(ranks):
     gen = torch.Generator().manual_seed(8)
     terms = {p: [(torch.randn(r, inn, generator=gen, dtype=torch.float64),

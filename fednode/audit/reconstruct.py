@@ -12,7 +12,7 @@ from chain.clients import Federation, RoundState
 from chain.commitments import result_commitment, submission_commitment
 from chain.deployment import Deployment
 
-from ..protocol.ledger import History, RoundRecord
+from ..protocol.ledger import History, Ledger, RoundRecord
 from ..protocol.publish import named_cid
 from ..protocol.rules import FederationRules
 from ..protocol.verify import Reason
@@ -35,23 +35,28 @@ def reason_name(code: int) -> str:
 class Reconstruction:
     """The history read back from the chain, with the gas of every transaction in it."""
 
-    def __init__(self, w3: Web3, deployment: Deployment, sources: Sources, watch: Stopwatch, page: int):
+    def __init__(self, w3: Web3, deployment: Deployment, sources: Sources, watch: Stopwatch, page: int,
+                 ledger: Ledger | None = None):
         self.w3 = w3
         self.fed = Federation(w3, deployment)
+        self.ledger = ledger or Ledger(self.fed, page)
         self.sources = sources
         self.watch = watch
-        self.page = page
-        self.history = History()
         self.gas: dict[str, int] = {}
 
+    @property
+    def history(self) -> History:
+        return self.ledger.history
+
     def read_chain(self) -> int:
+        """Read the events not read yet (all of them for a fresh ledger) and the gas of every transaction; the
+        last block read."""
         with self.watch("events"):
-            head = self.w3.eth.block_number
-            for event in self.fed.events(to_block=head, page=self.page):
-                self.history.apply(event)
+            self.ledger.refresh()
             for tx in dict.fromkeys(e.tx_hash for e in self.history.events):
-                self.gas[tx] = self.w3.eth.get_transaction_receipt(tx)["gasUsed"]
-        return head
+                if tx not in self.gas:
+                    self.gas[tx] = self.w3.eth.get_transaction_receipt(tx)["gasUsed"]
+        return self.ledger.head
 
     def participants(self) -> list[ParticipantAudit]:
         gas: dict[str, dict[str, int]] = {}
@@ -169,16 +174,17 @@ def _status(ra: RoundAudit, verify: bool) -> Status:
 
 
 def run_audit(w3: Web3, deployment: Deployment, store: Storage | None = None, verify: bool = False,
-              page: int = 2000) -> AuditReport:
+              page: int = 2000, ledger: Ledger | None = None) -> AuditReport:
     """Rebuild the federation's history from its events (read `page` blocks at a time) and check it; with
-    `verify`, re-run verification and aggregation of every finalized round from `store`."""
+    `verify`, re-run verification and aggregation of every finalized round from `store`. A `ledger` already
+    following the federation (the aggregator's, in one process) is brought up to date instead of re-reading."""
     if verify and store is None:
         raise AuditError("verification needs the federation's storage: pass --ipfs ADDR or --store DIR")
     if page < 1:
         raise AuditError(f"page must be at least 1 block, got {page}")
     watch = Stopwatch()
     sources = Sources(store, watch)
-    chain = Reconstruction(w3, deployment, sources, watch, page)
+    chain = Reconstruction(w3, deployment, sources, watch, page, ledger)
     head = chain.read_chain()
     history = chain.history
     sources.prefetch([p.metadata_digest for p in history.participants.values()]

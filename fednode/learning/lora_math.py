@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..flat import Layout
 from .settings import LoraSettings, SettingsError
 
 State = Mapping[str, torch.Tensor]
@@ -52,13 +53,15 @@ def lora_modules(state: State) -> dict[str, tuple[str, str]]:
 def factors(state: State, config: Mapping) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{prefix: (A, B)} in float64, checked to be matrices of the config's rank."""
     r = settings(config).r
+    layout = Layout.of(state)
+    state = layout.view(layout.flatten(state))  # float64, converted in one pass where the state is one buffer
     out = {}
     for prefix, (a_key, b_key) in lora_modules(state).items():
         a, b = state[a_key], state[b_key]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise LoraError(f"LoRA module {prefix!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, not rank {r} "
                             f"factors (r, in) and (out, r)")
-        out[prefix] = (a.to(F64), b.to(F64))
+        out[prefix] = (a, b)
     return out
 
 
@@ -121,26 +124,56 @@ def _svd(prefix: str, dense: torch.Tensor, config: Mapping) -> tuple[torch.Tenso
 
 def refactor_sum(terms: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]],
                  config: Mapping) -> tuple[dict[str, torch.Tensor], dict]:
-    """`refactor` of each module's sum of low-rank terms sum_k B_k @ A_k, without forming the dense matrix when
-    the terms' total rank R is at least r: with B_cat = Q_b R_b and A_cat^T = Q_a R_a (QR), the sum is
-    Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core gives the sum's SVD. O((out + in) R^2) instead of
-    O(out in min(out, in)); equal to `refactor` of the dense sum up to float64 rounding."""
+    """`refactor` of each module's sum of low-rank terms sum_k B_k @ A_k = B_cat @ A_cat (the factors stacked to
+    the total rank R), by the cheaper of two exact routes, chosen per module from its shape alone:
+    - R below the module's size min(out, in): QR of B_cat = Q_b R_b and of A_cat^T = Q_a R_a, so the sum is
+      Q_b (R_b R_a^T) Q_a^T and the SVD of the small R x R core gives the sum's SVD, O((out + in) R^2);
+    - R at or above it (many hospitals): the core is no smaller than the module, so the dense sum B_cat @ A_cat
+      (one matrix product) is decomposed directly;
+    - R below r: the dense SVD, which supplies the orthonormal zero-singular-value directions.
+    Modules of the same shape go through the QR route together (batched). Both routes equal `refactor` of the dense
+    sum up to float64 rounding."""
     r = settings(config).r
-    svds = {}
+    groups: dict[tuple[int, int, int], list[str]] = {}
     for prefix, pairs in terms.items():
-        a_cat = torch.cat([a.to(F64) for a, _ in pairs], dim=0)
-        b_cat = torch.cat([b.to(F64) for _, b in pairs], dim=1)
-        if a_cat.shape[0] < r:  # the dense SVD supplies the orthonormal zero-singular-value directions
-            svds[prefix] = _svd(prefix, sum(product(a.to(F64), b.to(F64)) for a, b in pairs), config)
+        shape = (pairs[0][1].shape[0], pairs[0][0].shape[1], sum(a.shape[0] for a, _ in pairs))
+        groups.setdefault(shape, []).append(prefix)
+    svds = {}
+    for (out, inn, rank), prefixes in groups.items():
+        if rank < r:
+            for prefix in prefixes:
+                svds[prefix] = _svd(prefix, sum(product(a.to(F64), b.to(F64)) for a, b in terms[prefix]), config)
             continue
-        q_b, r_b = torch.linalg.qr(b_cat)
-        q_a, r_a = torch.linalg.qr(a_cat.T)
-        u, sv, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-        if sv.shape[0] < r:
-            raise LoraError(f"module {prefix!r}: a dense update of shape ({b_cat.shape[0]}, {a_cat.shape[1]}) "
-                            f"has no rank-{r} factors")
-        svds[prefix] = (q_b @ u, sv, vh @ q_a.T)
+        if min(out, inn) < r:
+            raise LoraError(f"module {prefixes[0]!r}: a dense update of shape ({out}, {inn}) has no rank-{r} factors")
+        if rank >= min(out, inn):  # one module at a time: the SVD dominates, and the stacks stay in cache
+            for prefix in prefixes:
+                a_cat, b_cat = _stacked(terms[prefix])
+                u, sv, vh = torch.linalg.svd(b_cat @ a_cat, full_matrices=False)
+                svds[prefix] = (u[:, :r], sv, vh[:r])
+            continue
+        a_cat, b_cat = (torch.stack(parts) for parts in zip(*(_stacked(terms[p]) for p in prefixes)))
+        # Householder QR kept implicit (geqrf): Q is only ever applied to the r leading singular vectors (ormqr)
+        h_b, tau_b = torch.geqrf(b_cat)
+        h_a, tau_a = torch.geqrf(a_cat.mT)
+        u, sv, vh = torch.linalg.svd(h_b[..., :rank, :].triu() @ h_a[..., :rank, :].triu().mT, full_matrices=False)
+        u = torch.ormqr(h_b, tau_b, _padded(u[..., :r], out))
+        vh = torch.ormqr(h_a, tau_a, _padded(vh[..., :r, :].mT, inn)).mT
+        for i, prefix in enumerate(prefixes):
+            svds[prefix] = (u[i], sv[i], vh[i])
     return _truncated(svds, config)
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x (..., R, r) with zero rows appended to `rows`: what the full Q of a QR maps to Q_reduced @ x."""
+    out = torch.zeros(*x.shape[:-2], rows, x.shape[-1], dtype=x.dtype)
+    out[..., :x.shape[-2], :] = x
+    return out
+
+
+def _stacked(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_cat, B_cat) in float64: the terms' A stacked along the rank (rows), their B along the rank (columns)."""
+    return torch.cat([a.to(F64) for a, _ in pairs], dim=0), torch.cat([b.to(F64) for _, b in pairs], dim=1)
 
 
 def _truncated(svds: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

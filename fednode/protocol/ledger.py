@@ -101,13 +101,20 @@ class History:
 
 
 class Ledger:
-    """Incrementally follows a federation's events (each refresh reads only new blocks)."""
+    """Incrementally follows a federation's events: each refresh reads only the blocks mined since the last one,
+    so one process (aggregator, its nodes, the audit) reads every event once. It keeps nothing on disk: a restarted
+    process rebuilds the same history from the chain."""
 
     def __init__(self, fed: Federation, page: int = 2000):
         self.fed = fed
         self.page = page
         self.history = History()
         self._next_block = fed.deployment.start_block
+
+    @property
+    def head(self) -> int:
+        """The last block read."""
+        return self._next_block - 1
 
     def refresh(self) -> History:
         head = self.fed.w3.eth.block_number

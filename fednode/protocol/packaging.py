@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from ..canonical import le_bytes
+from ..flat import concat
 from ..storage.cid import cid_of
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def unpack_adapter(data: bytes, max_bytes: int) -> tuple[dict[str, torch.Tensor]
     metadata = header.get(METADATA_KEY)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterError("bad_metadata", "adapter header lacks a string-valued __metadata__ table")
-    return state, metadata
+    return concat(state), metadata
 
 
 def _header(data: bytes) -> dict:

@@ -1,8 +1,9 @@
 """FedAvg (McMahan et al.), the base of every rule. Deterministic by construction: updates are taken in a canonical
 order and accumulated in float64 with separate multiply and add steps, so the same inputs give bit-identical output
-on any machine. The order is the rules' `merge_order`: "sha256" (by the update file's digest, then submission
-index: the same accepted updates give the same bytes whatever order their transactions landed in) or
-"submission" (on-chain submission order, what rules documents before version 2 mean)."""
+on any machine. The sums run over one flat float64 buffer per round (`fednode.flat`), which changes how many
+kernel calls there are, not a single bit. The order is the rules' `merge_order`: "sha256" (by the update file's
+digest, then submission index: the same accepted updates give the same bytes whatever order their transactions
+landed in) or "submission" (on-chain submission order, what rules documents before version 2 mean)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from ..flat import Layout, weighted_sum
 from .base import AggregateError, Param, RulesError, WeightedUpdate, capped_shares
 
 State = dict[str, torch.Tensor]
@@ -58,12 +60,9 @@ class FedAvg:
         return ordered, self.weights(ordered)
 
     @staticmethod
-    def _mean(key: str, shape: torch.Size, ordered: list[WeightedUpdate], weights: list[float]) -> torch.Tensor:
-        """The float64 weighted mean of one tensor, accumulated in submission order."""
-        acc = torch.zeros(shape, dtype=torch.float64)
-        for weight, update in zip(weights, ordered):
-            acc = acc + update.state[key].to(torch.float64) * weight
-        return acc
+    def _mean(layout: Layout, ordered: list[WeightedUpdate], weights: list[float]) -> torch.Tensor:
+        """The float64 weighted mean of every tensor of `layout`, flat, accumulated in the given order."""
+        return weighted_sum(layout, [u.state for u in ordered], weights)
 
     def aggregate_train(self, global_state: State, updates: list[WeightedUpdate]) -> State:
         if self.server_state is not None:
@@ -72,8 +71,8 @@ class FedAvg:
 
     def merge(self, global_state: State, ordered: list[WeightedUpdate], weights: list[float]) -> State:
         """The new global adapter from the updates in submission order and their weights."""
-        return {key: self._mean(key, global_state[key].shape, ordered, weights).to(torch.float32)
-                for key in sorted(global_state)}
+        layout = Layout.of(global_state)
+        return layout.view(self._mean(layout, ordered, weights).to(torch.float32))
 
     def equivalent(self, published: State, recomputed: State) -> tuple[bool, float]:
         """Bit equality of every tensor, and the largest absolute difference (inf for other names or shapes)."""

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from ..flat import Layout
 from .base import AggregateError, Param, WeightedUpdate
 from .fedavg import FedAvg, State
 
@@ -41,18 +42,17 @@ class FedOpt(FedAvg):
     def aggregate_train(self, global_state: State, updates: list[WeightedUpdate]) -> State:
         ordered, weights = self._ordered(updates)
         state = self.previous(global_state)
-        merged, new_state = {}, {}
-        for key in sorted(global_state):
-            mean = self._mean(key, global_state[key].shape, ordered, weights)
-            delta = mean - global_state[key].to(torch.float64)
-            increment, slots = self.step(delta, *(state[f"{slot}.{key}"] for slot in self.slots))
-            # x + increment, written as mean + (increment - delta): an increment equal to delta (FedAvgM without
-            # momentum at rate 1) then gives FedAvg's bits exactly, which x + (mean - x) does not always
-            change = increment - delta
-            merged[key] = (mean + change).to(torch.float32)
-            new_state.update({f"{slot}.{key}": t.to(torch.float32) for slot, t in zip(self.slots, slots)})
-        self.server_state = new_state
-        return merged
+        layout = Layout.of(global_state)  # every kernel below is elementwise: one call over the flat adapter
+        mean = self._mean(layout, ordered, weights)
+        delta = mean - layout.flatten(global_state)
+        slots = [layout.flatten({key: state[f"{slot}.{key}"] for key in layout.names}) for slot in self.slots]
+        increment, slots = self.step(delta, *slots)
+        # x + increment, written as mean + (increment - delta): an increment equal to delta (FedAvgM without
+        # momentum at rate 1) then gives FedAvg's bits exactly, which x + (mean - x) does not always
+        change = increment - delta
+        self.server_state = {f"{slot}.{key}": t for slot, flat in zip(self.slots, slots)
+                             for key, t in layout.view(flat.to(torch.float32)).items()}
+        return layout.view((mean + change).to(torch.float32))
 
 
 class FedAvgM(FedOpt):

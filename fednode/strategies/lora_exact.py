@@ -40,8 +40,9 @@ class LoraExact(FedAvg):
             if {p: (b.shape[0], a.shape[1]) for p, (a, b) in update.items()} != shapes:
                 raise AggregateError(f"lora_exact: update #{u.index} adapts other modules or shapes than the global "
                                      f"adapter")
+            weighted = weight * scale(config)
             for p, (a, b) in update.items():
-                terms[p].append((a, b * (weight * scale(config))))
+                terms[p].append((a, b * weighted))
         merged, self.residual = _lora("the merged update", refactor_sum, terms, self.adapter_config)
         return merged
 
