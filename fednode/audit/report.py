@@ -116,6 +116,8 @@ class AuditReport:
     participants: list[ParticipantAudit]
     rounds: list[RoundAudit]
     seconds: dict[str, float] = field(default_factory=dict)
+    comparison: dict | None = None  # where the hospitals' data is (the demo): federated vs local-only per hospital
+    # (fednode.ops.comparison), shown beside the audit; not re-derived from the chain
 
     @property
     def ok(self) -> bool:

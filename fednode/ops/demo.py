@@ -16,6 +16,7 @@ from ..learning.settings import LoraSettings, PromptSettings, TrainSettings
 from ..protocol.methods import method
 from ..storage import EmbeddedStore
 from ..timing import Stopwatch
+from .comparison import compare
 from .embedded import EmbeddedFederation, method_trainers
 from .export import export_peft
 
@@ -111,6 +112,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                        "eval": evals, **summary})
         _print_round(log, r, rows, rounds[-1])
 
+    with watch("local baseline"):
+        comparison = compare(nodes, initial, result.state, cfg.train, cfg.rounds)
     report = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                       if k not in ("lora", "prompt", "train")},
@@ -123,15 +126,18 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         "rules": json.loads(rules.to_bytes()),
         "round0": {"eval": base_evals, **_summary(base_evals)},
         "rounds": rounds,
+        "comparison": comparison.to_json(),
         "seconds": {**watch.as_dict(), "total": round(time.perf_counter() - started, 3)},
     }
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     first, last = report["round0"], rounds[-1]
     log(f"\nmean eval loss {first['mean_loss']:.4f} -> {last['mean_loss']:.4f}, worst hospital "
         f"{first['worst_loss']:.4f} -> {last['worst_loss']:.4f} ({last['worst_client']}) after {cfg.rounds} rounds")
+    log("\n" + comparison.table())
     log(f"time: {report['seconds']}")
     log(f"report: {cfg.out / 'report.json'}; PEFT adapters: {cfg.out / 'adapters'}")
     audit = run_audit(fed.w3, deployment, store, verify=True)
+    audit.comparison = comparison.to_json()
     save_report(audit, cfg.out / "audit.json", cfg.out / "audit.html")
     log(f"{audit.summary()} from the chain and store alone ({cfg.out / 'audit.html'})")
     return report
