@@ -14,14 +14,20 @@ from ..protocol.methods import METHODS
 
 
 def signer_from_args(w3, args):
-    """The account given by --keystore (password from FEDCHAIN_PASSWORD or a prompt) or --dev-account N."""
-    from chain.wallet import dev_account, keystore_password, load_keystore
+    """The account given by --keystore (password: --password-file, the environment or a prompt) or --dev-account N."""
+    from chain.wallet import dev_account, load_keystore
+
+    from .passwords import password_for
 
     if getattr(args, "keystore", None):
         if not Path(args.keystore).is_file():
             raise ValueError(f"keystore {args.keystore} not found")
-        return load_keystore(Path(args.keystore), keystore_password(args.keystore))
+        return load_keystore(Path(args.keystore), password_for(args.keystore, _password_file(args)))
     return dev_account(w3, args.dev_account)
+
+
+def _password_file(args) -> Path | None:
+    return Path(args.password_file) if getattr(args, "password_file", None) else None
 
 
 def cmd_chain_compile(args) -> int:
@@ -43,9 +49,12 @@ def cmd_chain_compile(args) -> int:
 
 
 def cmd_chain_deploy(args) -> int:
-    from chain.connection import connect
+    from chain.connection import EMBEDDED, connect
     from chain.deployment import deploy
 
+    if args.rpc == EMBEDDED:
+        print("note: --rpc embedded deploys to a throwaway in-process chain, gone when this command exits",
+              file=sys.stderr)
     w3 = connect(args.rpc)
     deployment = deploy(w3, signer_from_args(w3, args), args.aggregator)
     for name, c in deployment.contracts.items():
@@ -106,9 +115,13 @@ def cmd_stack(args) -> int:
 
 
 def cmd_wallet_new(args) -> int:
-    from chain.wallet import keystore_password, new_keystore
+    from chain.wallet import new_keystore
 
-    account = new_keystore(Path(args.out), keystore_password(args.out))
+    from .passwords import password_for
+
+    if Path(args.out).exists():  # before asking for a password
+        raise ValueError(f"{args.out} already exists; not overwriting a keystore")
+    account = new_keystore(Path(args.out), password_for(args.out, _password_file(args), confirm=True))
     print(f"{account.address}  (keystore {args.out})")
     return 0
 
@@ -144,14 +157,14 @@ def cmd_node_join(args) -> int:
 
 def cmd_admin(args) -> int:
     p = _participant(args)
-    fed = p.federation
     if args.admin_command == "approve":
-        receipt = fed.approve(args.address)
+        receipt = p.federation.approve(args.address)
     elif args.admin_command == "revoke":
-        receipt = fed.revoke(args.address, args.reason)
-    else:
+        receipt = p.federation.revoke(args.address, args.reason)
+    else:  # read-only: no wallet, no password
         from ..protocol.ledger import Ledger
 
+        fed = p.reader
         for record in Ledger(fed).refresh().participants.values():
             state = fed.participant(record.address).status.name.lower()
             print(f"{record.address}  {state:<8} joined at block {record.joined_block}  "
@@ -201,6 +214,23 @@ def cmd_aggregator_run(args) -> int:
     return _run_service(args, run_aggregator)
 
 
+def cmd_adapter_export(args) -> int:
+    from .export import export_round
+
+    done = export_round(_participant(args), args.round, Path(args.out), audit=not args.no_audit)
+    print(f"round {done.round_id} global adapter {done.cid} written to {done.out_dir} ({done.audit})")
+    print(f"load it with AutoPeftModelForCausalLM.from_pretrained(\"{done.out_dir}\"), or try it: "
+          f"fedchain generate --adapter {done.out_dir} \"ICD-10-CM code E11.9 means:\"")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    print(args.prompt + generate(Path(args.adapter), args.prompt, args.max_new_tokens))
+    return 0
+
+
 def cmd_audit(args) -> int:
     from chain.connection import EMBEDDED, connect
     from chain.deployment import Deployment
@@ -241,10 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chain_compile)
 
     p = chain.add_parser("deploy", help="deploy the Federation contract")
-    p.add_argument("--rpc", default="embedded", help="'embedded' (in-process chain) or a JSON-RPC URL")
+    p.add_argument("--rpc", required=True, help="JSON-RPC URL (`fedchain stack up` prints it), or 'embedded' for a "
+                                                "throwaway in-process chain")
     who = p.add_mutually_exclusive_group()
-    who.add_argument("--keystore", help="geth v3 keystore of the deployer (password: $FEDCHAIN_PASSWORD or prompt)")
+    who.add_argument("--keystore", help="geth v3 keystore of the deployer")
     who.add_argument("--dev-account", type=int, default=0, help="index of a local dev chain's funded account")
+    p.add_argument("--password-file", help="the keystore's password on the first line (else "
+                   "$FEDCHAIN_PASSWORD_<KEYSTORE NAME>, $FEDCHAIN_PASSWORD or a prompt)")
     p.add_argument("--aggregator", help="address granted the aggregator role (default: the deployer)")
     p.add_argument("--out", help="write the deployment record (JSON) here")
     p.set_defaults(func=cmd_chain_deploy)
@@ -287,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="wallet_command", required=True)
     p = wallet.add_parser("new", help="write an encrypted geth-style keystore")
     p.add_argument("--out", required=True, help="keystore file to create")
+    p.add_argument("--password-file", help="the password on the first line (else $FEDCHAIN_PASSWORD_<KEYSTORE NAME>, "
+                   "$FEDCHAIN_PASSWORD or a prompt, asked twice)")
     p.set_defaults(func=cmd_wallet_new)
     p = wallet.add_parser("fund", help="send ETH from a dev account (local chains only)")
     p.add_argument("--rpc", required=True)
@@ -324,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = agg.add_parser("run", help="verify, merge, finalize and open rounds until the federation ends")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_aggregator_run)
+
+    adapter = sub.add_parser("adapter", help="the federation's global adapter as a model").add_subparsers(
+        dest="adapter_command", required=True)
+    p = adapter.add_parser("export", help="write a finalized round's global adapter as a Hugging Face PEFT folder "
+                                          "(tokenizer, base model, model card), checked against the chain")
+    p.add_argument("--config", required=True, help="any participant's config (no wallet or password needed)")
+    p.add_argument("--round", type=int, help="round number (default: the last finalized round)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--no-audit", action="store_true", help="skip re-verifying the history for the model card")
+    p.set_defaults(func=cmd_adapter_export)
+
+    p = sub.add_parser("generate", help="continue a prompt with an exported adapter (offline)")
+    p.add_argument("--adapter", required=True, help="folder written by `fedchain adapter export`")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("audit", help="rebuild and re-check the federation's whole history from the chain and storage",
                        epilog="exit status: 0 every round checks out, 1 a round is MISMATCH or UNAVAILABLE, 2 the "

@@ -46,7 +46,9 @@ class StorageSection:
 
 @dataclass(frozen=True)
 class WalletSection:
-    keystore: str = ""                    # geth v3 keystore; password from $FEDCHAIN_PASSWORD or a prompt
+    keystore: str = ""                    # geth v3 keystore (`fedchain wallet new`)
+    password_file: str = ""               # its password on the first line; else $FEDCHAIN_PASSWORD_<KEYSTORE NAME>,
+                                          #   $FEDCHAIN_PASSWORD, or a prompt in a terminal
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ from functools import cached_property
 from chain.clients import Federation
 from chain.connection import connect
 from chain.deployment import Deployment
-from chain.wallet import keystore_password, load_keystore
+from chain.wallet import load_keystore
 from web3 import Web3
 
 from ..protocol.rules import FederationRules, RulesError
 from ..storage import Storage, open_storage
 from .config import Config, ConfigError
+from .passwords import password_for
 
 
 class Participant:
@@ -40,11 +41,18 @@ class Participant:
         if not path.is_file():
             raise ConfigError(f"{self.config.path}: [wallet] keystore {path} not found (create it with "
                               "`fedchain wallet new`)")
-        return load_keystore(path, keystore_password(str(path)))
+        password_file = self.config.wallet.password_file
+        return load_keystore(path, password_for(keystore, self.config.resolve(password_file) if password_file
+                                                else None))
 
     @cached_property
     def federation(self) -> Federation:
         return Federation(self.w3, self.deployment, self.account)
+
+    @cached_property
+    def reader(self) -> Federation:
+        """The federation's contract without an account: reads need no wallet and no password."""
+        return Federation(self.w3, self.deployment)
 
     @cached_property
     def store(self) -> Storage:

@@ -13,6 +13,7 @@ from chain.errors import ChainError
 from ..protocol.aggregator import Aggregator, AggregatorError, AwaitingShares
 from ..protocol.ledger import Ledger, RoundRecord
 from ..protocol.node import Node
+from ..protocol.publish import named_cid
 from ..timing import Stopwatch
 from .participant import Participant
 
@@ -90,6 +91,8 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
             evaluations = node.evaluate(rec.finalized.cid_digest, state)
             log(f"federation complete after round {rec.round_id}: final global adapter eval loss "
                 f"{evaluations['loss']:.4f} on {p.client.name}'s held-out split")
+            log(f"final global adapter: {named_cid(*rec.next_base)} (round {rec.round_id}); as a model: fedchain "
+                f"adapter export --config {p.config.path} --round {rec.round_id} --out adapter")
             break
         time.sleep(p.config.federation.poll_seconds)
     log(f"time: {watch.as_dict()}")
