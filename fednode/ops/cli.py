@@ -95,6 +95,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from .scaffold import init_federation
+
+    done = init_federation(Path(args.dir), args.hospitals)
+    for name, path in done.configs.items():
+        print(f"wrote {path}")
+    print(f"next: fedchain stack up, a wallet per config (fedchain wallet new --out {done.folder}/keys/admin.json, ...), "
+          "then README 'The real stack'")
+    return 0
+
+
 def cmd_stack(args) -> int:
     from devstack import stack
 
@@ -302,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see fednode/protocol/methods.py)")
     p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("init", help="write an example federation's configs (admin, aggregator, hospitals), every "
+                                    "key commented with its default")
+    p.add_argument("dir", help="folder to write (existing configs are never overwritten)")
+    p.add_argument("--hospitals", type=int, default=3)
+    p.set_defaults(func=cmd_init)
 
     stack = sub.add_parser("stack", help="a local anvil + IPFS node on 127.0.0.1").add_subparsers(
         dest="stack_command", required=True)
