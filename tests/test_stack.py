@@ -209,6 +209,13 @@ def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(sta
                 env)
     assert audit.stdout.strip().endswith("audit: 2 rounds VERIFIED")
 
+    # the federation's status without a wallet: the last round finalized, every hospital submitted to it
+    status = json.loads(run(["status", "--config", str(node_cfgs[0]), "--json"], {**env, "FEDCHAIN_PASSWORD": ""})
+                        .stdout)
+    assert status["last_finalized"]["round"] == 2 and status["current"]["state"] == "FINALIZED"
+    assert sorted(status["current"]["submitted"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    assert status["rounds_planned"] == 2 and status["storage"]["up"] and status["participants"]["approved"] == 3
+
     # the final global adapter out as a model, as the node's last line says, loaded offline as the README shows
     node0_log = (work / "node0.log").read_text()
     assert f"adapter export --config {node_cfgs[0]} --round 2 --out adapter" in node0_log

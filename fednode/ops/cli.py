@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def cmd_demo(args) -> int:
 def cmd_init(args) -> int:
     from .scaffold import init_federation
 
-    done = init_federation(Path(args.dir), args.hospitals)
+    done = init_federation(Path(args.dir), args.hospitals, args.rpc, args.ipfs)
     for name, path in done.configs.items():
         print(f"wrote {path}")
     print(f"next: fedchain stack up, a wallet per config (fedchain wallet new --out {done.folder}/keys/admin.json, ...), "
@@ -147,11 +146,19 @@ def cmd_wallet_fund(args) -> int:
     return 0
 
 
-def _participant(args):
+def _participant(args, outage_seconds: float | None = None):
     from .config import load_config
     from .participant import Participant
 
-    return Participant(load_config(args.config))
+    return Participant(load_config(args.config), outage_seconds)
+
+
+def cmd_status(args) -> int:
+    from .status import federation_status
+
+    status = federation_status(_participant(args, outage_seconds=args.timeout))
+    print(status.to_json() if args.json else status.text())
+    return 0 if status.storage["up"] else 1
 
 
 def cmd_node_join(args) -> int:
@@ -270,8 +277,27 @@ def cmd_audit(args) -> int:
     return report.exit_code
 
 
+EXIT_CODES = """exit status: 0 success; 1 a check failed (audit: a MISMATCH or UNAVAILABLE round; status: storage
+down; chain compile --check: stale artifacts; stack status: a service down); 2 a usage or runtime error (one line on
+stderr); 3 audit: nothing failed but the last round is still open; 130 interrupted"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedchain")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedchain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedchain", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedchain {_version()}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug notices, and a traceback on errors")
+    loud.add_argument("-q", "--quiet", action="store_true", help="results and errors only (no progress or notices)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chain = sub.add_parser("chain", help="compile, deploy and inspect the contracts").add_subparsers(
@@ -314,10 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("status", help="where a federation stands: current round, deadline, submissions, last global "
+                                      "adapter, chain and storage health (no wallet needed)",
+                       epilog="exit status: 0 chain and storage answer, 1 storage does not, 2 the chain does not")
+    p.add_argument("--config", required=True, help="any participant's config")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an unreachable chain or storage")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("init", help="write an example federation's configs (admin, aggregator, hospitals), every "
                                     "key commented with its default")
     p.add_argument("dir", help="folder to write (existing configs are never overwritten)")
     p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--rpc", default="http://127.0.0.1:8545", help="the chain's JSON-RPC URL")
+    p.add_argument("--ipfs", default="http://127.0.0.1:5001", help="the IPFS API address")
     p.set_defaults(func=cmd_init)
 
     stack = sub.add_parser("stack", help="a local anvil + IPFS node on 127.0.0.1").add_subparsers(
@@ -422,27 +458,36 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _notices_to_stderr() -> None:
-    """fedchain's own notices (an unreachable chain or IPFS node, ...) as timestamped lines on stderr."""
-    log = logging.getLogger("fedchain")
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record comes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def _configure_logging(level: int) -> None:
+    """fedchain's own notices (an unreachable chain or IPFS node, ...) as timestamped lines on stderr; the long
+    steps' progress (`fedchain.progress`: node and aggregator, model builds) on stdout; both at `level`."""
+    for name, handler in (("fedchain", _StderrHandler()), ("fedchain.progress", _StdoutHandler())):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+            log.propagate = False
+        log.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _notices_to_stderr()
+    _configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("fedchain: interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as exc:
-        if os.environ.get("FEDCHAIN_DEBUG"):
+        if args.verbose:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"fedchain: error: {message}", file=sys.stderr)

@@ -114,9 +114,10 @@ def export_round(p, round_id: int | None, out_dir: Path, audit: bool = True) -> 
         raise ExportError(f"round {round_id}'s global adapter: {exc}") from None
     cid = named_cid(rec.finalized.cid_digest, rec.finalized.file_sha256)
     report = run_audit(p.w3, p.deployment, store, verify=True) if audit else None
-    summary = report.summary() if report else "not audited (--no-audit)"
+    summary = report.summary() if report else "audit: not run (--no-audit)"
     names = {a.address: a.hospital for a in report.participants} if report else {}
     dep = p.deployment
+    base_path = (Path(out_dir) / "base").resolve()
     sections = [
         "## Provenance", "",
         f"- federation `{dep.federation_id}`: contract `{dep.address('Federation')}` on chain id {dep.chain_id}",
@@ -125,14 +126,14 @@ def export_round(p, round_id: int | None, out_dir: Path, audit: bool = True) -> 
         f"`{named_cid(rec.base_cid_digest, rec.base_sha256)}`",
         f"- rules: aggregation {rules.aggregation}, adapter {rules.adapter} {json.dumps(rules.lora)}, rules digest "
         f"`{rec.rules_digest.hex()}`",
-        f"- audit (`fedchain audit --verify`): {summary}", "", "## Participants of this round", "",
+        f"- `fedchain audit --verify` of the whole history: {summary.removeprefix('audit: ')}",
+        f"- base model folder: `{base_path}` (absolute; if this folder moves, set `base_model_name_or_path` in "
+        "adapter_config.json to its new `base/`)", "", "## Participants of this round", "",
         "| hospital | address | samples | update CID | verdict |", "|---|---|---:|---|---|",
         *(f"| {names.get(s.node) or '?'} | `{s.node}` | {s.num_samples} | "
           f"`{named_cid(s.cid_digest, s.file_sha256)}` | {Reason(v).name} |"
           for s, v in zip(rec.submissions, rec.finalized.verdicts, strict=True)),
     ]
-    out_dir = Path(out_dir)
-    base_path = (out_dir / "base").resolve()
     export_peft(state, p.base, rules.adapter_settings, out_dir, base_path,
                 model_card(p.base, base_path, sections))
     return Exported(out_dir, round_id, cid, summary)

@@ -2,6 +2,8 @@
 base model, local data and the federation's rules."""
 from __future__ import annotations
 
+import logging
+import time
 from functools import cached_property
 
 from chain.clients import Federation
@@ -19,12 +21,13 @@ from .passwords import password_for
 class Participant:
     """Lazily built resources of one participant; each is created once, when first used."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, outage_seconds: float | None = None):
         self.config = config
+        self.outage_seconds = outage_seconds  # overrides the config's for chain and storage (status: fail fast)
 
     @cached_property
     def w3(self) -> Web3:
-        return connect(self.config.chain.rpc, outage_seconds=self.config.chain.outage_seconds)
+        return connect(self.config.chain.rpc, outage_seconds=self._outage(self.config.chain.outage_seconds))
 
     @cached_property
     def deployment(self) -> Deployment:
@@ -59,7 +62,11 @@ class Participant:
         spec = self.config.storage.ipfs
         if spec.startswith("embedded:"):  # a relative store folder is relative to the config file
             spec = f"embedded:{self.config.resolve(spec.removeprefix('embedded:'))}"
-        return open_storage(spec, timeout_s=self.config.storage.timeout, outage_s=self.config.storage.outage_seconds)
+        return open_storage(spec, timeout_s=self.config.storage.timeout,
+                            outage_s=self._outage(self.config.storage.outage_seconds))
+
+    def _outage(self, configured: float) -> float:
+        return configured if self.outage_seconds is None else self.outage_seconds
 
     @cached_property
     def base(self):
@@ -68,8 +75,14 @@ class Participant:
         from ..learning.models import load_base_model
 
         data_cfg = self.config.data_config
-        return load_base_model(self.config.model.name, self.config.cache_dir,
+        progress = logging.getLogger("fedchain.progress")
+        progress.info(f"loading base model {self.config.model.name} from {self.config.cache_dir} (the first time it "
+                      "is built there: minutes on a busy machine)")
+        started = time.perf_counter()
+        base = load_base_model(self.config.model.name, self.config.cache_dir,
                                corpus=lambda: corpus_texts(data_cfg, 4000), seed=data_cfg.seed)
+        progress.info(f"base model {base.name} ready in {time.perf_counter() - started:.1f} s")
+        return base
 
     @cached_property
     def trainer(self):

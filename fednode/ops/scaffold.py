@@ -18,17 +18,20 @@ class Scaffold:
     configs: dict[str, Path]
 
 
-def participant_values(name: str, client: int, hospitals: int) -> dict[str, dict]:
+RPC, IPFS = "http://127.0.0.1:8545", "http://127.0.0.1:5001"   # `fedchain stack up`'s defaults
+
+
+def participant_values(name: str, client: int, hospitals: int, rpc: str, ipfs: str) -> dict[str, dict]:
     """The keys set in a participant's file (the rest keep their defaults)."""
-    return {"chain": {"rpc": "http://127.0.0.1:8545", "deployment": "deployment.json"},
-            "storage": {"ipfs": "http://127.0.0.1:5001"},
+    return {"chain": {"rpc": rpc, "deployment": "deployment.json"},
+            "storage": {"ipfs": ipfs},
             "wallet": {"keystore": f"keys/{name}.json"},
             "data": {"num_clients": hospitals, "client": client},
             "train": {"steps": 30},
             "federation": {"rounds": ROUNDS, "min_updates": hospitals, "round_seconds": 600}}
 
 
-def init_federation(folder: Path, hospitals: int = 3) -> Scaffold:
+def init_federation(folder: Path, hospitals: int = 3, rpc: str = RPC, ipfs: str = IPFS) -> Scaffold:
     """Write admin.toml, aggregator.toml and hospital-<i>.toml into `folder` (never over an existing file)."""
     if hospitals < 1:
         raise ValueError(f"--hospitals must be at least 1, got {hospitals}")
@@ -43,6 +46,6 @@ def init_federation(folder: Path, hospitals: int = 3) -> Scaffold:
         raise ValueError(f"{existing[0]} already exists; not overwriting a config (choose another folder)")
     folder.mkdir(parents=True, exist_ok=True)
     for name, (title, client) in roles.items():
-        paths[name].write_text(toml_file(f"{name}.toml: {title}", participant_values(name, client, hospitals)))
+        paths[name].write_text(toml_file(f"{name}.toml: {title}", participant_values(name, client, hospitals, rpc, ipfs)))
         load_config(paths[name])  # what init writes always loads
     return Scaffold(folder, paths)
