@@ -22,7 +22,8 @@ from transformers import AutoTokenizer
 model = AutoPeftModelForCausalLM.from_pretrained("adapter")
 tokenizer = AutoTokenizer.from_pretrained("adapter")
 ids = tokenizer("ICD-10-CM code E11.9 means:", return_tensors="pt").input_ids
-print(tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True))"""
+out = model.generate(ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.3)
+print(tokenizer.decode(out[0], skip_special_tokens=True))"""
 
 
 class Flow:
@@ -81,7 +82,10 @@ def main() -> int:
         started = time.perf_counter()
         procs = [flow.run("aggregator", "run", "--config", "fed/aggregator.toml", background=True)]
         procs += [flow.run("node", "run", "--config", f"fed/hospital-{i}.toml", background=True) for i in range(3)]
-        time.sleep(20)
+        while "round 1 opened" not in procs[0][1].read_text():  # status while the first round runs
+            if procs[0][0].poll() is not None:
+                raise SystemExit(f"the aggregator exited:\n{procs[0][1].read_text()}")
+            time.sleep(1)
         flow.run("status", "--config", "fed/admin.toml")
         for proc, log in procs:
             proc.wait(timeout=1800)

@@ -42,7 +42,8 @@ from transformers import AutoTokenizer
 model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 ids = tokenizer("ICD-10-CM code E11.9 means:", return_tensors="pt").input_ids
-print(tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True))
+out = model.generate(ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.3)
+print(tokenizer.decode(out[0], skip_special_tokens=True))
 """
 
 

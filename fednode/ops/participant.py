@@ -3,6 +3,7 @@ base model, local data and the federation's rules."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from functools import cached_property
 
@@ -16,6 +17,9 @@ from ..protocol.rules import FederationRules, RulesError
 from ..storage import Storage, open_storage
 from .config import Config, ConfigError
 from .passwords import password_for
+
+
+SLOW_LOAD_SECONDS = 3.0   # a base-model load that takes longer says what it is doing
 
 
 class Participant:
@@ -76,12 +80,18 @@ class Participant:
 
         data_cfg = self.config.data_config
         progress = logging.getLogger("fedchain.progress")
-        progress.info(f"loading base model {self.config.model.name} from {self.config.cache_dir} (the first time it "
-                      "is built there: minutes on a busy machine)")
+        slow = threading.Timer(SLOW_LOAD_SECONDS, progress.info, [
+            f"loading base model {self.config.model.name} from {self.config.cache_dir}: the first time, it is built "
+            "there (minutes on a busy machine)"])
+        slow.start()
         started = time.perf_counter()
-        base = load_base_model(self.config.model.name, self.config.cache_dir,
-                               corpus=lambda: corpus_texts(data_cfg, 4000), seed=data_cfg.seed)
-        progress.info(f"base model {base.name} ready in {time.perf_counter() - started:.1f} s")
+        try:
+            base = load_base_model(self.config.model.name, self.config.cache_dir,
+                                   corpus=lambda: corpus_texts(data_cfg, 4000), seed=data_cfg.seed)
+        finally:
+            slow.cancel()
+        if time.perf_counter() - started > SLOW_LOAD_SECONDS:
+            progress.info(f"base model {base.name} ready in {time.perf_counter() - started:.1f} s")
         return base
 
     @cached_property

@@ -56,7 +56,8 @@ class FederationStatus:
             lines.append("no round opened yet")
         else:
             of = f" of {self.rounds_planned}" if self.rounds_planned else ""
-            lines.append(f"round {c.round_id}{of}: {c.state}, deadline {c.deadline_local} ({c.deadline_relative})")
+            lines.append(f"round {c.round_id}{of}: {c.state}" + (f", deadline {c.deadline_local} ({c.deadline_relative})"
+                                                                 if c.state == "OPEN" else ""))
             lines.append(f"  submitted ({len(c.submitted)}): {', '.join(c.submitted) or 'none'}")
             if c.state == "OPEN":
                 lines.append(f"  waiting for ({len(c.waiting_for)}): {', '.join(c.waiting_for) or 'none'}")
