@@ -10,6 +10,7 @@ from pathlib import Path
 from devstack.stack import BLOCK_TIME
 
 from ..protocol.methods import METHODS
+from .console import EXIT_CODES, configure_logging, version
 
 
 def signer_from_args(w3, args):
@@ -183,10 +184,14 @@ def cmd_admin(args) -> int:
         from ..protocol.ledger import Ledger
 
         fed = p.reader
-        for record in Ledger(fed).refresh().participants.values():
-            state = fed.participant(record.address).status.name.lower()
-            print(f"{record.address}  {state:<8} joined at block {record.joined_block}  "
-                  f"model 0x{record.model_id.hex()[:16]}…")
+        rows = [{"address": r.address, "status": fed.participant(r.address).status.name.lower(),
+                 "joined_block": r.joined_block, "model_id": "0x" + r.model_id.hex()}
+                for r in Ledger(fed).refresh().participants.values()]
+        for row in rows if not args.json else ():
+            print(f"{row['address']}  {row['status']:<8} joined at block {row['joined_block']}  "
+                  f"model {row['model_id'][:18]}…")
+        if args.json:
+            print(json.dumps(rows, indent=2))
         return 0
     print(f"{args.admin_command}d {args.address} (tx {receipt.tx_hash}, gas {receipt.gas_used:,})")
     return 0
@@ -236,6 +241,9 @@ def cmd_adapter_export(args) -> int:
     from .export import export_round
 
     done = export_round(_participant(args), args.round, Path(args.out), audit=not args.no_audit)
+    if args.json:
+        print(json.dumps({"round": done.round_id, "cid": done.cid, "out": str(done.out_dir), "audit": done.audit}))
+        return 0
     print(f"round {done.round_id} global adapter {done.cid} written to {done.out_dir} ({done.audit})")
     print(f"load it with AutoPeftModelForCausalLM.from_pretrained(\"{done.out_dir}\"), or try it: "
           f"fedchain generate --adapter {done.out_dir} \"ICD-10-CM code E11.9 means:\"")
@@ -277,24 +285,10 @@ def cmd_audit(args) -> int:
     return report.exit_code
 
 
-EXIT_CODES = """exit status: 0 success; 1 a check failed (audit: a MISMATCH or UNAVAILABLE round; status: storage
-down; chain compile --check: stale artifacts; stack status: a service down); 2 a usage or runtime error (one line on
-stderr); 3 audit: nothing failed but the last round is still open; 130 interrupted"""
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedchain")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedchain", description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"fedchain {_version()}")
+    parser.add_argument("--version", action="version", version=f"fedchain {version()}")
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="debug notices, and a traceback on errors")
     loud.add_argument("-q", "--quiet", action="store_true", help="results and errors only (no progress or notices)")
@@ -399,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True)
         if name != "participants":
             p.add_argument("address")
+        else:
+            p.add_argument("--json", action="store_true", help="print the participants as JSON")
         if name == "revoke":
             p.add_argument("--reason", type=int, default=1, help="reason code recorded on-chain")
         p.set_defaults(func=cmd_admin)
@@ -421,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, help="round number (default: the last finalized round)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--no-audit", action="store_true", help="skip re-verifying the history for the model card")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_adapter_export)
 
     p = sub.add_parser("generate", help="continue a prompt with an exported adapter (offline)")
@@ -450,37 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record comes (tests and redirections replace it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a record comes."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout
-        super().emit(record)
-
-
-def _configure_logging(level: int) -> None:
-    """fedchain's own notices (an unreachable chain or IPFS node, ...) as timestamped lines on stderr; the long
-    steps' progress (`fedchain.progress`: node and aggregator, model builds) on stdout; both at `level`."""
-    for name, handler in (("fedchain", _StderrHandler()), ("fedchain.progress", _StdoutHandler())):
-        log = logging.getLogger(name)
-        if not log.handlers:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-            log.addHandler(handler)
-            log.propagate = False
-        log.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except KeyboardInterrupt:
