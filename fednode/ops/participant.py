@@ -18,7 +18,6 @@ from ..storage import Storage, open_storage
 from .config import Config, ConfigError
 from .passwords import password_for
 
-
 SLOW_LOAD_SECONDS = 3.0   # a base-model load that takes longer says what it is doing
 
 
