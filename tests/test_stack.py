@@ -111,7 +111,8 @@ def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(sta
     work, env, record, up_out = stack
     rpc, ipfs = record["rpc"], record["ipfs_api"]
     assert "stack up" in up_out
-    assert run(["stack", "status", "--dir", str(work / ".stack")], env).stdout.split() == ["anvil", "up", "ipfs", "up"]
+    assert run(["stack", "status", "--dir", str(work / ".stack")], env).stdout.split() == ["anvil", "up", rpc, "ipfs",
+                                                                                       "up", ipfs]
 
     # wallets: an admin, an aggregator and three hospitals, each its own encrypted keystore, funded locally
     addresses = {}

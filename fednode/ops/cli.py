@@ -119,8 +119,10 @@ def cmd_stack(args) -> int:
         stack.down(Path(args.dir))
     else:
         health = stack.status(Path(args.dir))
-        for name, ok in health.items():
-            print(f"{name:<6} {'up' if ok else 'down'}")
+        record = stack.Stack.record(Path(args.dir))
+        urls = json.loads(record.read_text()) if record.is_file() else {}
+        for (name, ok), key in zip(health.items(), ("rpc", "ipfs_api"), strict=True):
+            print(f"{name:<6} {'up' if ok else 'down':<5} {urls.get(key, 'not started here')}")
         return 0 if all(health.values()) else 1
     return 0
 
