@@ -1,10 +1,8 @@
 """Signing accounts: encrypted geth keystore v3 files, or the well-known keys of a local development chain."""
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import sys
 from pathlib import Path
 
 from eth_account import Account
@@ -18,16 +16,6 @@ ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
 
 class WalletError(ValueError):
     """A keystore cannot be read, written or decrypted."""
-
-
-def keystore_password(keystore: str) -> str:
-    """$FEDCHAIN_PASSWORD, else a prompt when a terminal is attached."""
-    password = os.environ.get("FEDCHAIN_PASSWORD")
-    if password:
-        return password
-    if not sys.stdin.isatty():
-        raise WalletError(f"no password for keystore {keystore}: set FEDCHAIN_PASSWORD or run in a terminal")
-    return getpass.getpass(f"password for {keystore}: ")
 
 
 def new_keystore(path: Path, password: str, private_key: bytes | None = None) -> LocalAccount:
@@ -59,6 +47,8 @@ def load_keystore(path: Path, password: str) -> LocalAccount:
     try:
         return Account.from_key(Account.decrypt(data, password))
     except ValueError as exc:
+        if "MAC mismatch" in str(exc):
+            raise WalletError(f"wrong password for {path}") from None
         raise WalletError(f"cannot decrypt keystore {path}: {exc}") from None
     except (KeyError, TypeError):
         raise WalletError(f"keystore {path} is not a v3 keystore") from None

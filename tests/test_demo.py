@@ -46,6 +46,11 @@ def test_demo_runs_and_the_global_adapter_beats_the_base_model(tmp_path, model_c
         peft = PeftModel.from_pretrained(base.model, out / "adapters" / "round-2")
         after = peft(ids).logits
     assert not torch.allclose(before, after)
+    # ... and names a base folder written beside it, so AutoPeftModelForCausalLM resolves it with no model hub
+    config = json.loads((out / "adapters" / "round-2" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]).is_absolute()
+    assert (Path(config["base_model_name_or_path"]) / "config.json").is_file()
+    assert (out / "adapters" / "round-2" / "tokenizer.json").is_file()
 
 
 def test_demo_rejects_bad_arguments_with_one_line(tmp_path):

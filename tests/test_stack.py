@@ -33,6 +33,18 @@ PASSWORD = "correct horse battery staple"
 # the default data config but for fewer training examples: same corpus, so the session's cached tiny base is reused
 DATA = dict(source="icd10", partition="natural", num_clients=3, train_per_client=32, eval_per_client=64, seed=0)
 pytestmark = pytest.mark.stack
+# what a user runs on an exported adapter: the README's snippet, with the folder as argv[1]
+README_LOAD = """
+import sys
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tokenizer("ICD-10-CM code E11.9 means:", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.3)
+print(tokenizer.decode(out[0], skip_special_tokens=True))
+"""
 
 
 def run(args, env, check=True) -> subprocess.CompletedProcess:
@@ -99,7 +111,8 @@ def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(sta
     work, env, record, up_out = stack
     rpc, ipfs = record["rpc"], record["ipfs_api"]
     assert "stack up" in up_out
-    assert run(["stack", "status", "--dir", str(work / ".stack")], env).stdout.split() == ["anvil", "up", "ipfs", "up"]
+    assert run(["stack", "status", "--dir", str(work / ".stack")], env).stdout.split() == ["anvil", "up", rpc, "ipfs",
+                                                                                       "up", ipfs]
 
     # wallets: an admin, an aggregator and three hospitals, each its own encrypted keystore, funded locally
     addresses = {}
@@ -197,6 +210,30 @@ def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(sta
     audit = run(["audit", "--rpc", rpc, "--deployment", str(work / "deployment.json"), "--ipfs", ipfs, "--verify"],
                 env)
     assert audit.stdout.strip().endswith("audit: 2 rounds VERIFIED")
+
+    # the federation's status without a wallet: the last round finalized, every hospital submitted to it
+    status = json.loads(run(["status", "--config", str(node_cfgs[0]), "--json"], {**env, "FEDCHAIN_PASSWORD": ""})
+                        .stdout)
+    assert status["last_finalized"]["round"] == 2 and status["current"]["state"] == "FINALIZED"
+    assert sorted(status["current"]["submitted"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    assert status["rounds_planned"] == 2 and status["storage"]["up"] and status["participants"]["approved"] == 3
+
+    # the final global adapter out as a model, as the node's last line says, loaded offline as the README shows
+    node0_log = (work / "node0.log").read_text()
+    assert f"adapter export --config {node_cfgs[0]} --round 2 --out adapter" in node0_log
+    exported = run(["adapter", "export", "--config", str(node_cfgs[0]), "--round", "2", "--out",
+                    str(work / "adapter")], {**env, "FEDCHAIN_PASSWORD": ""})  # read-only: no password
+    assert "round 2 global adapter bafk" in exported.stdout and "2 rounds VERIFIED" in exported.stdout
+    card = (work / "adapter" / "README.md").read_text()
+    assert deployment.address("Federation") in card and "hospital-1" in card and "2 rounds VERIFIED" in card
+    offline = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    load = subprocess.run([sys.executable, "-c", README_LOAD, str(work / "adapter")], capture_output=True,
+                          text=True, env=offline, cwd=work, timeout=300)
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert load.stdout.startswith("ICD-10-CM code E11.9 means:") and len(load.stdout) > 30
+    generated = run(["generate", "--adapter", str(work / "adapter"), "ICD-10-CM code E11.9 means:"], offline)
+    assert generated.stdout.startswith("ICD-10-CM code E11.9 means:")
+
 
 
 def wait_for(condition, limit: float, what: str, procs=None, logs=None):

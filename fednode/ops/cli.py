@@ -4,24 +4,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from devstack.stack import BLOCK_TIME
 
 from ..protocol.methods import METHODS
+from .console import EXIT_CODES, configure_logging, version
 
 
 def signer_from_args(w3, args):
-    """The account given by --keystore (password from FEDCHAIN_PASSWORD or a prompt) or --dev-account N."""
-    from chain.wallet import dev_account, keystore_password, load_keystore
+    """The account given by --keystore (password: --password-file, the environment or a prompt) or --dev-account N."""
+    from chain.wallet import dev_account, load_keystore
+
+    from .passwords import password_for
 
     if getattr(args, "keystore", None):
         if not Path(args.keystore).is_file():
             raise ValueError(f"keystore {args.keystore} not found")
-        return load_keystore(Path(args.keystore), keystore_password(args.keystore))
+        return load_keystore(Path(args.keystore), password_for(args.keystore, _password_file(args)))
     return dev_account(w3, args.dev_account)
+
+
+def _password_file(args) -> Path | None:
+    return Path(args.password_file) if getattr(args, "password_file", None) else None
 
 
 def cmd_chain_compile(args) -> int:
@@ -43,9 +49,12 @@ def cmd_chain_compile(args) -> int:
 
 
 def cmd_chain_deploy(args) -> int:
-    from chain.connection import connect
+    from chain.connection import EMBEDDED, connect
     from chain.deployment import deploy
 
+    if args.rpc == EMBEDDED:
+        print("note: --rpc embedded deploys to a throwaway in-process chain, gone when this command exits",
+              file=sys.stderr)
     w3 = connect(args.rpc)
     deployment = deploy(w3, signer_from_args(w3, args), args.aggregator)
     for name, c in deployment.contracts.items():
@@ -86,6 +95,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from .scaffold import init_federation
+
+    done = init_federation(Path(args.dir), args.hospitals, args.rpc, args.ipfs)
+    for name, path in done.configs.items():
+        print(f"wrote {path}")
+    print(f"next: fedchain stack up, a wallet per config (fedchain wallet new --out {done.folder}/keys/admin.json, ...), "
+          "then README 'The real stack'")
+    return 0
+
+
 def cmd_stack(args) -> int:
     from devstack import stack
 
@@ -99,16 +119,22 @@ def cmd_stack(args) -> int:
         stack.down(Path(args.dir))
     else:
         health = stack.status(Path(args.dir))
-        for name, ok in health.items():
-            print(f"{name:<6} {'up' if ok else 'down'}")
+        record = stack.Stack.record(Path(args.dir))
+        urls = json.loads(record.read_text()) if record.is_file() else {}
+        for (name, ok), key in zip(health.items(), ("rpc", "ipfs_api"), strict=True):
+            print(f"{name:<6} {'up' if ok else 'down':<5} {urls.get(key, 'not started here')}")
         return 0 if all(health.values()) else 1
     return 0
 
 
 def cmd_wallet_new(args) -> int:
-    from chain.wallet import keystore_password, new_keystore
+    from chain.wallet import new_keystore
 
-    account = new_keystore(Path(args.out), keystore_password(args.out))
+    from .passwords import password_for
+
+    if Path(args.out).exists():  # before asking for a password
+        raise ValueError(f"{args.out} already exists; not overwriting a keystore")
+    account = new_keystore(Path(args.out), password_for(args.out, _password_file(args), confirm=True))
     print(f"{account.address}  (keystore {args.out})")
     return 0
 
@@ -123,11 +149,19 @@ def cmd_wallet_fund(args) -> int:
     return 0
 
 
-def _participant(args):
+def _participant(args, outage_seconds: float | None = None):
     from .config import load_config
     from .participant import Participant
 
-    return Participant(load_config(args.config))
+    return Participant(load_config(args.config), outage_seconds)
+
+
+def cmd_status(args) -> int:
+    from .status import federation_status
+
+    status = federation_status(_participant(args, outage_seconds=args.timeout))
+    print(status.to_json() if args.json else status.text())
+    return 0 if status.storage["up"] else 1
 
 
 def cmd_node_join(args) -> int:
@@ -144,18 +178,22 @@ def cmd_node_join(args) -> int:
 
 def cmd_admin(args) -> int:
     p = _participant(args)
-    fed = p.federation
     if args.admin_command == "approve":
-        receipt = fed.approve(args.address)
+        receipt = p.federation.approve(args.address)
     elif args.admin_command == "revoke":
-        receipt = fed.revoke(args.address, args.reason)
-    else:
+        receipt = p.federation.revoke(args.address, args.reason)
+    else:  # read-only: no wallet, no password
         from ..protocol.ledger import Ledger
 
-        for record in Ledger(fed).refresh().participants.values():
-            state = fed.participant(record.address).status.name.lower()
-            print(f"{record.address}  {state:<8} joined at block {record.joined_block}  "
-                  f"model 0x{record.model_id.hex()[:16]}…")
+        fed = p.reader
+        rows = [{"address": r.address, "status": fed.participant(r.address).status.name.lower(),
+                 "joined_block": r.joined_block, "model_id": "0x" + r.model_id.hex()}
+                for r in Ledger(fed).refresh().participants.values()]
+        for row in rows if not args.json else ():
+            print(f"{row['address']}  {row['status']:<8} joined at block {row['joined_block']}  "
+                  f"model {row['model_id'][:18]}…")
+        if args.json:
+            print(json.dumps(rows, indent=2))
         return 0
     print(f"{args.admin_command}d {args.address} (tx {receipt.tx_hash}, gas {receipt.gas_used:,})")
     return 0
@@ -201,6 +239,26 @@ def cmd_aggregator_run(args) -> int:
     return _run_service(args, run_aggregator)
 
 
+def cmd_adapter_export(args) -> int:
+    from .export import export_round
+
+    done = export_round(_participant(args), args.round, Path(args.out), audit=not args.no_audit)
+    if args.json:
+        print(json.dumps({"round": done.round_id, "cid": done.cid, "out": str(done.out_dir), "audit": done.audit}))
+        return 0
+    print(f"round {done.round_id} global adapter {done.cid} written to {done.out_dir} ({done.audit})")
+    print(f"load it with AutoPeftModelForCausalLM.from_pretrained(\"{done.out_dir}\"), or try it: "
+          f"fedchain generate --adapter {done.out_dir} \"ICD-10-CM code E11.9 means:\"")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    print(args.prompt + generate(Path(args.adapter), args.prompt, args.max_new_tokens))
+    return 0
+
+
 def cmd_audit(args) -> int:
     from chain.connection import EMBEDDED, connect
     from chain.deployment import Deployment
@@ -230,7 +288,12 @@ def cmd_audit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedchain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedchain", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedchain {version()}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug notices, and a traceback on errors")
+    loud.add_argument("-q", "--quiet", action="store_true", help="results and errors only (no progress or notices)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chain = sub.add_parser("chain", help="compile, deploy and inspect the contracts").add_subparsers(
@@ -241,10 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chain_compile)
 
     p = chain.add_parser("deploy", help="deploy the Federation contract")
-    p.add_argument("--rpc", default="embedded", help="'embedded' (in-process chain) or a JSON-RPC URL")
+    p.add_argument("--rpc", required=True, help="JSON-RPC URL (`fedchain stack up` prints it), or 'embedded' for a "
+                                                "throwaway in-process chain")
     who = p.add_mutually_exclusive_group()
-    who.add_argument("--keystore", help="geth v3 keystore of the deployer (password: $FEDCHAIN_PASSWORD or prompt)")
+    who.add_argument("--keystore", help="geth v3 keystore of the deployer")
     who.add_argument("--dev-account", type=int, default=0, help="index of a local dev chain's funded account")
+    p.add_argument("--password-file", help="the keystore's password on the first line (else "
+                   "$FEDCHAIN_PASSWORD_<KEYSTORE NAME>, $FEDCHAIN_PASSWORD or a prompt)")
     p.add_argument("--aggregator", help="address granted the aggregator role (default: the deployer)")
     p.add_argument("--out", help="write the deployment record (JSON) here")
     p.set_defaults(func=cmd_chain_deploy)
@@ -270,6 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("status", help="where a federation stands: current round, deadline, submissions, last global "
+                                      "adapter, chain and storage health (no wallet needed)",
+                       epilog="exit status: 0 chain and storage answer, 1 storage does not, 2 the chain does not")
+    p.add_argument("--config", required=True, help="any participant's config")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an unreachable chain or storage")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("init", help="write an example federation's configs (admin, aggregator, hospitals), every "
+                                    "key commented with its default")
+    p.add_argument("dir", help="folder to write (existing configs are never overwritten)")
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--rpc", default="http://127.0.0.1:8545", help="the chain's JSON-RPC URL")
+    p.add_argument("--ipfs", default="http://127.0.0.1:5001", help="the IPFS API address")
+    p.set_defaults(func=cmd_init)
+
     stack = sub.add_parser("stack", help="a local anvil + IPFS node on 127.0.0.1").add_subparsers(
         dest="stack_command", required=True)
     for name, text in (("up", "start both, health-checked"), ("down", "stop both by pid"),
@@ -287,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="wallet_command", required=True)
     p = wallet.add_parser("new", help="write an encrypted geth-style keystore")
     p.add_argument("--out", required=True, help="keystore file to create")
+    p.add_argument("--password-file", help="the password on the first line (else $FEDCHAIN_PASSWORD_<KEYSTORE NAME>, "
+                   "$FEDCHAIN_PASSWORD or a prompt, asked twice)")
     p.set_defaults(func=cmd_wallet_new)
     p = wallet.add_parser("fund", help="send ETH from a dev account (local chains only)")
     p.add_argument("--rpc", required=True)
@@ -311,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True)
         if name != "participants":
             p.add_argument("address")
+        else:
+            p.add_argument("--json", action="store_true", help="print the participants as JSON")
         if name == "revoke":
             p.add_argument("--reason", type=int, default=1, help="reason code recorded on-chain")
         p.set_defaults(func=cmd_admin)
@@ -324,6 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = agg.add_parser("run", help="verify, merge, finalize and open rounds until the federation ends")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_aggregator_run)
+
+    adapter = sub.add_parser("adapter", help="the federation's global adapter as a model").add_subparsers(
+        dest="adapter_command", required=True)
+    p = adapter.add_parser("export", help="write a finalized round's global adapter as a Hugging Face PEFT folder "
+                                          "(tokenizer, base model, model card), checked against the chain")
+    p.add_argument("--config", required=True, help="any participant's config (no wallet or password needed)")
+    p.add_argument("--round", type=int, help="round number (default: the last finalized round)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--no-audit", action="store_true", help="skip re-verifying the history for the model card")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_adapter_export)
+
+    p = sub.add_parser("generate", help="continue a prompt with an exported adapter (offline)")
+    p.add_argument("--adapter", required=True, help="folder written by `fedchain adapter export`")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("audit", help="rebuild and re-check the federation's whole history from the chain and storage",
                        epilog="exit status: 0 every round checks out, 1 a round is MISMATCH or UNAVAILABLE, 2 the "
@@ -346,35 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record comes (tests and redirections replace it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def _notices_to_stderr() -> None:
-    """fedchain's own notices (an unreachable chain or IPFS node, ...) as timestamped lines on stderr."""
-    log = logging.getLogger("fedchain")
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _notices_to_stderr()
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("fedchain: interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as exc:
-        if os.environ.get("FEDCHAIN_DEBUG"):
+        if args.verbose:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"fedchain: error: {message}", file=sys.stderr)

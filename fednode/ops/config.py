@@ -46,7 +46,9 @@ class StorageSection:
 
 @dataclass(frozen=True)
 class WalletSection:
-    keystore: str = ""                    # geth v3 keystore; password from $FEDCHAIN_PASSWORD or a prompt
+    keystore: str = ""                    # geth v3 keystore (`fedchain wallet new`)
+    password_file: str = ""               # its password on the first line; else $FEDCHAIN_PASSWORD_<KEYSTORE NAME>,
+                                          #   $FEDCHAIN_PASSWORD, or a prompt in a terminal
 
 
 @dataclass(frozen=True)
@@ -58,27 +60,27 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    source: str = "icd10"
-    partition: str = "natural"
-    alpha: float = 1.0
-    num_clients: int = 3
+    source: str = "icd10"                 # "icd10" (ICD-10-CM descriptions), "drugs" (drug reviews) or "mixed"
+    partition: str = "natural"            # "natural" (by chapter / condition) or "dirichlet"
+    alpha: float = 1.0                    # Dirichlet concentration (partition = "dirichlet"); lower = more skewed
+    num_clients: int = 3                  # number of hospitals the data is split among
     client: int = 0                       # this hospital's partition index
-    train_per_client: int = 256
-    eval_per_client: int = 64
-    seed: int = 0
+    train_per_client: int = 256           # training examples per hospital
+    eval_per_client: int = 64             # held-out examples per hospital
+    seed: int = 0                         # seed of the split (and of the tiny base model's pretraining)
 
 
 @dataclass(frozen=True)
 class FederationSection:
-    rounds: int = 3
-    round_seconds: int = 600
-    min_updates: int = 1
-    allow_below_quorum: bool = True
+    rounds: int = 3                       # rounds the federation runs
+    round_seconds: int = 600              # a round's deadline, from its opening (chain time)
+    min_updates: int = 1                  # quorum: accepted updates a round needs
+    allow_below_quorum: bool = True       # at the deadline: finalize below quorum (true) or cancel the round
     aggregation: str = "fedavg"           # fedavg, fedavgm, fedadam, fedyogi
     params: dict = field(default_factory=dict)   # the rule's parameters, e.g. {eta = 0.01, beta_1 = 0.9}
     privacy: dict = field(default_factory=dict)  # e.g. {mechanism = "dp_sgd", max_grad_norm = 1.0, target_epsilon
                                                  #   = 8, delta = 1e-5} or {mechanism = "hospital", ...}; {} = off
-    weighting: str = "num_samples"
+    weighting: str = "num_samples"        # merge weights: "num_samples" (claimed samples) or "uniform"
     secure_aggregation: dict = field(default_factory=dict)  # e.g. {threshold = 0.6, clip = 1.0, scale_bits = 20}:
                                           #   updates masked, the aggregator sees only their sum; {} = off (copy
                                           #   screening, which reads single updates, is then off too)
@@ -90,9 +92,9 @@ class FederationSection:
                                                  #   orthogonal_lambda = 0.1} (personalized); {} = plain
     global_rank: int = 0                  # the global LoRA rank when this node's [lora] r is lower (lora_exact
                                           #   merges ranks up to it); 0 = [lora] r
-    max_update_norm: float = 50.0
-    max_adapter_bytes: int = 64 * 1024 * 1024
-    poll_seconds: float = 1.0
+    max_update_norm: float = 50.0         # updates with a larger L2 norm (from the round's start) are rejected
+    max_adapter_bytes: int = 64 * 1024 * 1024    # larger adapter files are rejected
+    poll_seconds: float = 1.0             # how often node and aggregator read the chain
     seed: int = 0                         # seed of the initial adapter
 
 

@@ -2,28 +2,35 @@
 base model, local data and the federation's rules."""
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from functools import cached_property
 
 from chain.clients import Federation
 from chain.connection import connect
 from chain.deployment import Deployment
-from chain.wallet import keystore_password, load_keystore
+from chain.wallet import load_keystore
 from web3 import Web3
 
 from ..protocol.rules import FederationRules, RulesError
 from ..storage import Storage, open_storage
 from .config import Config, ConfigError
+from .passwords import password_for
+
+SLOW_LOAD_SECONDS = 3.0   # a base-model load that takes longer says what it is doing
 
 
 class Participant:
     """Lazily built resources of one participant; each is created once, when first used."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, outage_seconds: float | None = None):
         self.config = config
+        self.outage_seconds = outage_seconds  # overrides the config's for chain and storage (status: fail fast)
 
     @cached_property
     def w3(self) -> Web3:
-        return connect(self.config.chain.rpc, outage_seconds=self.config.chain.outage_seconds)
+        return connect(self.config.chain.rpc, outage_seconds=self._outage(self.config.chain.outage_seconds))
 
     @cached_property
     def deployment(self) -> Deployment:
@@ -40,18 +47,29 @@ class Participant:
         if not path.is_file():
             raise ConfigError(f"{self.config.path}: [wallet] keystore {path} not found (create it with "
                               "`fedchain wallet new`)")
-        return load_keystore(path, keystore_password(str(path)))
+        password_file = self.config.wallet.password_file
+        return load_keystore(path, password_for(keystore, self.config.resolve(password_file) if password_file
+                                                else None))
 
     @cached_property
     def federation(self) -> Federation:
         return Federation(self.w3, self.deployment, self.account)
 
     @cached_property
+    def reader(self) -> Federation:
+        """The federation's contract without an account: reads need no wallet and no password."""
+        return Federation(self.w3, self.deployment)
+
+    @cached_property
     def store(self) -> Storage:
         spec = self.config.storage.ipfs
         if spec.startswith("embedded:"):  # a relative store folder is relative to the config file
             spec = f"embedded:{self.config.resolve(spec.removeprefix('embedded:'))}"
-        return open_storage(spec, timeout_s=self.config.storage.timeout, outage_s=self.config.storage.outage_seconds)
+        return open_storage(spec, timeout_s=self.config.storage.timeout,
+                            outage_s=self._outage(self.config.storage.outage_seconds))
+
+    def _outage(self, configured: float) -> float:
+        return configured if self.outage_seconds is None else self.outage_seconds
 
     @cached_property
     def base(self):
@@ -60,8 +78,20 @@ class Participant:
         from ..learning.models import load_base_model
 
         data_cfg = self.config.data_config
-        return load_base_model(self.config.model.name, self.config.cache_dir,
-                               corpus=lambda: corpus_texts(data_cfg, 4000), seed=data_cfg.seed)
+        progress = logging.getLogger("fedchain.progress")
+        slow = threading.Timer(SLOW_LOAD_SECONDS, progress.info, [
+            f"loading base model {self.config.model.name} from {self.config.cache_dir}: the first time, it is built "
+            "there (minutes on a busy machine)"])
+        slow.start()
+        started = time.perf_counter()
+        try:
+            base = load_base_model(self.config.model.name, self.config.cache_dir,
+                                   corpus=lambda: corpus_texts(data_cfg, 4000), seed=data_cfg.seed)
+        finally:
+            slow.cancel()
+        if time.perf_counter() - started > SLOW_LOAD_SECONDS:
+            progress.info(f"base model {base.name} ready in {time.perf_counter() - started:.1f} s")
+        return base
 
     @cached_property
     def trainer(self):

@@ -4,6 +4,7 @@ are judged by the next block's time, which moves on an idle chain too; an unreac
 out by the clients underneath (`chain.outage`)."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -13,6 +14,7 @@ from chain.errors import ChainError
 from ..protocol.aggregator import Aggregator, AggregatorError, AwaitingShares
 from ..protocol.ledger import Ledger, RoundRecord
 from ..protocol.node import Node
+from ..protocol.publish import named_cid
 from ..timing import Stopwatch
 from .participant import Participant
 
@@ -24,12 +26,20 @@ class ServiceError(RuntimeError):
 
 
 def _log(message: str) -> None:
-    print(time.strftime("%H:%M:%S"), message, flush=True)
+    logging.getLogger("fedchain.progress").info(message)
 
 
 def clock(seconds: int) -> str:
     """A unix time as local wall-clock time."""
     return time.strftime("%H:%M:%S", time.localtime(seconds))
+
+
+def relative(seconds: int, now: float) -> str:
+    """`seconds` (unix time) against `now`, as "in 4 min" or "2 min ago"."""
+    delta = int(round(seconds - now))
+    amount = abs(delta)
+    text = f"{amount} s" if amount < 90 else f"{round(amount / 60)} min" if amount < 5400 else f"{amount / 3600:.1f} h"
+    return f"in {text}" if delta >= 0 else f"{text} ago"
 
 
 def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log) -> dict:
@@ -84,12 +94,18 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
                     passed.add(rec.round_id)
                     log(f"round {rec.round_id}: submitted {sub.cid} (train loss {sub.metrics['train_loss']:.4f}, "
                         f"tx {sub.receipt.tx_hash}, gas {sub.receipt.gas_used:,})")
+                    log(f"round {rec.round_id}: waiting for the other hospitals and the aggregator (deadline "
+                        f"{clock(rec.deadline)}, {relative(rec.deadline, fed.next_block_time())})")
                 continue
         if rec.state == RoundState.FINALIZED and rec.round_id >= rules.rounds:
+            log(f"round {rec.round_id} finalized, the last: evaluating the final global adapter on "
+                f"{len(p.client.eval)} held-out examples")
             state = node.global_state_from(*rec.next_base)
             evaluations = node.evaluate(rec.finalized.cid_digest, state)
             log(f"federation complete after round {rec.round_id}: final global adapter eval loss "
                 f"{evaluations['loss']:.4f} on {p.client.name}'s held-out split")
+            log(f"final global adapter: {named_cid(*rec.next_base)} (round {rec.round_id}); as a model: fedchain "
+                f"adapter export --config {p.config.path} --round {rec.round_id} --out adapter")
             break
         time.sleep(p.config.federation.poll_seconds)
     log(f"time: {watch.as_dict()}")
