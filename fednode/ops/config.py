@@ -81,6 +81,8 @@ class FederationSection:
     privacy: dict = field(default_factory=dict)  # e.g. {mechanism = "dp_sgd", max_grad_norm = 1.0, target_epsilon
                                                  #   = 8, delta = 1e-5} or {mechanism = "hospital", ...}; {} = off
     weighting: str = "num_samples"        # merge weights: "num_samples" (claimed samples) or "uniform"
+    encoding: dict = field(default_factory=dict)  # how updates travel, e.g. {dtype = "int8", block_size = 128,
+                                          #   top_k = 0.0} (also float16, bfloat16); {} = float32 adapters
     secure_aggregation: dict = field(default_factory=dict)  # e.g. {threshold = 0.6, clip = 1.0, scale_bits = 20}:
                                           #   updates masked, the aggregator sees only their sum; {} = off (copy
                                           #   screening, which reads single updates, is then off too)

@@ -123,7 +123,8 @@ class Participant:
                                    aggregation=f.aggregation, params=f.params, weighting=f.weighting,
                                    max_update_norm=f.max_update_norm, max_adapter_bytes=f.max_adapter_bytes,
                                    privacy=f.privacy, rounds=f.rounds, adapter=f.adapter, client=f.client,
-                                   merge_order=f.merge_order, secure_aggregation=f.secure_aggregation,
+                                   merge_order=f.merge_order, encoding=f.encoding,
+                                   secure_aggregation=f.secure_aggregation,
                                    **({"copy_threshold": 0.0} if f.secure_aggregation else {}))
         except RulesError as exc:
             raise ConfigError(f"{self.config.path}: [federation] {exc}") from None
