@@ -90,7 +90,8 @@ def cmd_demo(args) -> int:
         raise ValueError("--clients and --rounds must be at least 1")
     cfg = DemoConfig(model=args.model, clients=args.clients, rounds=args.rounds, partition=args.partition,
                      source=args.source, alpha=args.alpha, seed=args.seed, out=Path(args.out),
-                     train=TrainSettings(steps=args.steps, seed=args.seed), method=args.method)
+                     train=TrainSettings(steps=args.steps, seed=args.seed), method=args.method,
+                     **({} if args.train_per_client is None else {"train_per_client": args.train_per_client}))
     run_demo(cfg)
     return 0
 
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (with --partition dirichlet)")
     p.add_argument("--source", default="icd10", choices=["icd10", "drugs", "mixed"])
     p.add_argument("--steps", type=int, default=30, help="local training steps per round")
+    p.add_argument("--train-per-client", type=int,
+                   help="training examples per hospital (default 32: alone a hospital overfits so few, federated it "
+                        "does not)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="fedavg", choices=list(METHODS),
                    help="federated method: aggregation rule, client objective, privacy, adapter type "

@@ -30,7 +30,7 @@ class DemoConfig:
     source: str = "icd10"
     alpha: float = 1.0
     seed: int = 0
-    train_per_client: int = 256
+    train_per_client: int = 32            # few examples each: alone a hospital overfits them, federated it does not
     eval_per_client: int = 64
     out: Path = Path("out/demo")
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
