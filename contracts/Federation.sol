@@ -6,7 +6,8 @@ import {FederationRounds} from "./FederationRounds.sol";
 
 /// @title Federation
 /// @notice One federation on one address: the participant registry (identities, approval, revocation) and the
-/// round state machine (open, submit, finalize, cancel). Its events are the complete audit log.
+/// round state machine (configure, open, submit directly or signed and relayed, finalize, cancel). Its events are
+/// the complete audit log.
 contract Federation is FederationRounds {
-    constructor(address admin) ParticipantRegistry(admin) {}
+    constructor(address admin, uint48 adminDelay) ParticipantRegistry(admin, adminDelay) {}
 }
