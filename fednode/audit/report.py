@@ -44,6 +44,7 @@ class SubmissionAudit:
     update_norm: float | None = None
     metrics: dict | None = None      # the node's published metrics document
     status: Status | None = None     # MISMATCH / UNAVAILABLE when this update fails the audit
+    relayed_by: str | None = None    # the account that relayed this signed update (None: sent by the node)
 
 
 @dataclass
