@@ -132,6 +132,7 @@ def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log
 
 
 def _aggregate(p: Participant, agg: Aggregator, watch: Stopwatch, stop: Callable[[], bool], log) -> list[int]:
+    """The aggregator's loop, while its relay endpoint (if any) serves."""
     f = p.config.federation
     finalized, waiting = [], set()  # rounds waiting for their deadline (said once each)
 
