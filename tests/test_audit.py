@@ -265,8 +265,9 @@ def test_chain_only_audit_rebuilds_participants_rounds_and_gas(audited):
     world = audited.world
     report = run_audit(world.w3, world.deployment, page=3)  # no storage: events and commitments only
     assert report.ok and [r.status for r in report.rounds] == [Status.CONSISTENT] * 8
-    # two role grants at deployment, four joins and approvals, one revocation, 8 rounds (open, submissions, finalize)
-    assert report.events == audited.report.events == 2 + 4 * 2 + 1 + 2 * 6 + 6 * 5
+    # two role grants at deployment, four joins and approvals, one revocation, the initial adapter and rules
+    # registered, 8 rounds (open, submissions, finalize)
+    assert report.events == audited.report.events == 2 + 4 * 2 + 1 + 1 + 2 * 6 + 6 * 5
     revoked = [p for p in report.participants if p.revoked_block is not None]
     assert [p.address for p in revoked] == [world.nodes[2].address] and revoked[0].revoke_reason == 1
     assert all(p.gas["joined"] > 0 and p.gas["approved"] > 0 and p.hospital is None for p in report.participants)
