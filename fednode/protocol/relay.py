@@ -49,6 +49,8 @@ class Relayer:
         the others are logged and dropped. None if there was nothing to relay."""
         with self._lock:
             cids, self._inbox = self._inbox, []
+        if not cids:
+            return None
         batch: dict[str, SignedUpdate] = {}
         submitted = {s.node for s in rec.submissions}
         head = self.fed.w3.eth.block_number
