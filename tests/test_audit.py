@@ -31,8 +31,9 @@ from fednode.learning.privacy import DPSettings, epsilon
 from fednode.learning.settings import LoraSettings, TrainSettings
 from fednode.ops.cli import main
 from fednode.ops.embedded import EmbeddedFederation
+from fednode.protocol.aggregator import AggregatorError
 from fednode.protocol.packaging import SERVER_STATE_KEY, pack_adapter, unpack_adapter
-from fednode.protocol.publish import locate, publish_json
+from fednode.protocol.publish import locate, publish_bytes, publish_json
 from fednode.protocol.rules import FederationRules
 from fednode.protocol.verify import Reason
 from fednode.storage import EmbeddedStore
@@ -404,6 +405,24 @@ def test_a_lineage_break_is_refused_on_chain_and_a_mismatch_in_the_audit(icd_bas
     assert second.status == Status.MISMATCH and second.base_cid == first.base_cid != first.result.cid
     assert f"lineage broken: starts from {second.base_cid}, not from round 1's global adapter {first.result.cid}" \
         in [f.message for f in second.findings]
+
+
+def test_a_rules_change_by_the_admin_is_shown_and_other_rules_are_refused(icd_base, trainer, tmp_path):
+    world = World("embedded", tmp_path, icd_base, trainer)
+    world.honest_round()
+    stricter = replace(world.agg.rules, max_update_norm=40.0)
+    world.agg.rules = stricter
+    with pytest.raises(AggregatorError, match="an admin changes them"):
+        world.fed.open()
+    publish_bytes(world.store, stricter.to_bytes())
+    world.admin_fed.change_rules(stricter.digest())
+    world.honest_round()
+    first, second = run_audit(world.w3, world.deployment, world.store, verify=True).rounds
+    assert [first.status, second.status] == [Status.VERIFIED, Status.VERIFIED]
+    assert second.rules["max_update_norm"] == 40.0
+    [note] = [n for n in second.notes if n.startswith("rules changed by admin")]
+    assert note.startswith(f"rules changed by admin {world.admin_fed.address} at block ")
+    assert note.endswith(f": {first.rules_digest} -> {stricter.digest().hex()}")
 
 
 def test_relayed_updates_audit_verified_with_their_signatures_rechecked(icd_base, trainer, tmp_path, monkeypatch):
