@@ -11,6 +11,7 @@ from web3 import Web3
 from .compiler import load_artifact
 from .deployment import Deployment
 from .events import ChainEvent, iter_events
+from .signing import SignedUpdate, UpdateFields, sign_update
 from .transactions import Receipt, TxSender, as_chain_error
 
 
@@ -105,9 +106,37 @@ class Federation:
         role = self._view(self.contract.functions.AGGREGATOR_ROLE())
         return self._send(self.contract.functions.grantRole(role, Web3.to_checksum_address(account)))
 
+    def begin_admin_transfer(self, new_admin: str) -> Receipt:
+        """Start handing the admin role to `new_admin`, who may accept it once the contract's delay has passed."""
+        return self._send(self.contract.functions.beginDefaultAdminTransfer(Web3.to_checksum_address(new_admin)))
+
+    def accept_admin_transfer(self) -> Receipt:
+        return self._send(self.contract.functions.acceptDefaultAdminTransfer())
+
+    def admin(self) -> str:
+        return self._view(self.contract.functions.defaultAdmin())
+
     def participant(self, node: str) -> Participant:
         p = self._view(self.contract.functions.participant(Web3.to_checksum_address(node)))
         return Participant(Web3.to_checksum_address(node), bytes(p[0]), bytes(p[1]), Status(p[2]), p[3], p[4], p[5])
+
+    # Lineage and rules
+    def configure(self, initial_cid_digest: bytes, initial_sha256: bytes, rules_digest: bytes) -> Receipt:
+        """Register the adapter round 1 starts from and the federation's rules (once, before round 1)."""
+        return self._send(self.contract.functions.configure(_b32(initial_cid_digest), _b32(initial_sha256),
+                                                            _b32(rules_digest)))
+
+    def change_rules(self, rules_digest: bytes) -> Receipt:
+        return self._send(self.contract.functions.changeRules(_b32(rules_digest)))
+
+    def rules_digest(self) -> bytes:
+        """The rules the next round must open under (zero before `configure`)."""
+        return bytes(self._view(self.contract.functions.rulesDigest()))
+
+    def lineage_head(self) -> tuple[bytes, bytes]:
+        """(CID digest, sha256) the next round must start from."""
+        cid, sha = self._view(self.contract.functions.lineageHead())
+        return bytes(cid), bytes(sha)
 
     # Rounds
     def open_round(self, base_cid_digest: bytes, base_sha256: bytes, rules_digest: bytes, deadline: int,
@@ -121,6 +150,17 @@ class Federation:
                       metrics_digest: bytes, wait: bool = True):
         return self._send(self.contract.functions.submitUpdate(
             round_id, _b32(cid_digest), _b32(file_sha256), num_samples, _b32(metrics_digest)), wait=wait)
+
+    def sign_update(self, fields: UpdateFields) -> SignedUpdate:
+        """This account's EIP-712 signature of an update, for anyone to relay (no transaction, no ether)."""
+        if self.sender is None:
+            raise ValueError("this Federation client is read-only (no account)")
+        return sign_update(self.sender.account, self.deployment.chain_id, self.contract.address, fields)
+
+    def submit_signed_batch(self, round_id: int, updates: list[SignedUpdate], wait: bool = True):
+        """Relay signed updates to round `round_id` in one transaction (paid by this account)."""
+        return self._send(self.contract.functions.submitSignedBatch(round_id, [u.as_call_arg() for u in updates]),
+                          wait=wait)
 
     def finalize(self, round_id: int, cid_digest: bytes, file_sha256: bytes, verdicts: bytes) -> Receipt:
         return self._send(self.contract.functions.finalize(round_id, _b32(cid_digest), _b32(file_sha256),

@@ -84,15 +84,18 @@ class Compiler:
     def compile(self, sources: dict[str, str]) -> dict:
         request = {"language": "Solidity", "sources": {n: {"content": t} for n, t in sources.items()},
                    "settings": SETTINGS}
-        # stdout goes to a file, not a pipe: node's process.exit cuts piped output short at 64 KiB
-        with tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.run([*self.command, "--standard-json"], input=json.dumps(request), stdout=out,
+        # files, not pipes: solcjs reads stdin with one readFileSync, which fails (EAGAIN) on a pipe not yet filled,
+        # and exits before a large answer is flushed to a full pipe
+        with tempfile.TemporaryFile("w+") as stdin, tempfile.TemporaryFile("w+") as stdout:
+            json.dump(request, stdin)
+            stdin.seek(0)
+            proc = subprocess.run([*self.command, "--standard-json"], stdin=stdin, stdout=stdout,
                                   stderr=subprocess.PIPE, text=True, timeout=600)
-            out.seek(0)
-            stdout = out.read()
-        output = _parse_json_output(stdout)
+            stdout.seek(0)
+            answer = stdout.read()
+        output = _parse_json_output(answer)
         if output is None:
-            raise CompileError(f"{self.kind} solc gave no JSON output: {(proc.stderr or stdout).strip()[:300]}")
+            raise CompileError(f"{self.kind} solc gave no JSON output: {(proc.stderr or answer).strip()[:300]}")
         errors = [e for e in output.get("errors", []) if e.get("severity") == "error"]
         if errors:
             raise CompileError("; ".join(e.get("formattedMessage", e["message"]).strip() for e in errors))

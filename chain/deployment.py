@@ -15,6 +15,7 @@ from .compiler import load_artifact
 from .transactions import TxSender
 
 AGGREGATOR_ROLE = Web3.keccak(text="AGGREGATOR_ROLE")
+ADMIN_DELAY_S = 2 * 24 * 3600  # an admin transfer is accepted no sooner than this after it was started
 
 
 class DeploymentError(ValueError):
@@ -93,11 +94,13 @@ def _deploy_one(sender: TxSender, name: str, *args) -> DeployedContract:
         artifact_digest=hashlib.sha256(bytes.fromhex(artifact["bytecode"][2:])).hexdigest())
 
 
-def deploy(w3: Web3, deployer: LocalAccount, aggregator: str | None = None) -> Deployment:
-    """Deploy the Federation contract (deployer = admin) and grant the aggregator role."""
+def deploy(w3: Web3, deployer: LocalAccount, aggregator: str | None = None,
+           admin_delay: int = ADMIN_DELAY_S) -> Deployment:
+    """Deploy the Federation contract (deployer = admin, handed over in two steps `admin_delay` seconds apart) and
+    grant the aggregator role."""
     sender = TxSender(w3, deployer)
     aggregator = Web3.to_checksum_address(aggregator or deployer.address)
-    federation = _deploy_one(sender, "Federation", deployer.address)
+    federation = _deploy_one(sender, "Federation", deployer.address, admin_delay)
     artifact = load_artifact("Federation")
     contract = w3.eth.contract(address=federation.address, abi=artifact["abi"])
     sender.transact(contract.functions.grantRole(AGGREGATOR_ROLE, aggregator))

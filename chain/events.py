@@ -77,6 +77,21 @@ class Revoked(Logged):
 
 
 @dataclass(frozen=True)
+class Configured(Logged):
+    by: str
+    cid_digest: bytes
+    file_sha256: bytes
+    rules_digest: bytes
+
+
+@dataclass(frozen=True)
+class RulesChanged(Logged):
+    admin: str
+    previous_digest: bytes
+    rules_digest: bytes
+
+
+@dataclass(frozen=True)
 class RoundOpened(Logged):
     round_id: int
     opener: str
@@ -130,8 +145,8 @@ class SharesRevealed(Logged):
 
 
 RECORDS: dict[str, type[Logged]] = {cls.__name__: cls for cls in (
-    Joined, Approved, Revoked, RoundOpened, UpdateSubmitted, RoundFinalized, RoundCancelled, UnmaskRequested,
-    SharesRevealed)}
+    Joined, Approved, Revoked, Configured, RulesChanged, RoundOpened, UpdateSubmitted, RoundFinalized, RoundCancelled,
+    UnmaskRequested, SharesRevealed)}
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 

@@ -1,16 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.28;
 
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {AccessControlDefaultAdminRules} from
+    "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
 
 /// @title ParticipantRegistry
 /// @notice The identity of every model taking part in a federation. A node joins with its wallet, naming its
 /// model identity (digest of base-model identity + adapter config) and a metadata digest (e.g. the CID digest of
 /// a JSON model card). An admin approves it; an admin can revoke it. Revocation bars later submissions and stays
 /// in history: the events are the audit log, the stored record keeps the block numbers.
-/// @dev Roles: DEFAULT_ADMIN_ROLE (admin), AGGREGATOR_ROLE (aggregator); "node" is a participant whose status is
-/// Approved. Abstract: deployed as part of `Federation`, so a submission checks its sender without an external call.
-abstract contract ParticipantRegistry is AccessControl {
+/// @dev Roles: DEFAULT_ADMIN_ROLE (one admin, handed over in two steps after a delay: OpenZeppelin's
+/// AccessControlDefaultAdminRules), AGGREGATOR_ROLE (aggregator); "node" is a participant whose status is Approved.
+/// Abstract: deployed as part of `Federation`, so a submission checks its sender without an external call.
+abstract contract ParticipantRegistry is AccessControlDefaultAdminRules {
     bytes32 public constant AGGREGATOR_ROLE = keccak256("AGGREGATOR_ROLE");
 
     enum Status {
@@ -40,9 +42,8 @@ abstract contract ParticipantRegistry is AccessControl {
     event Approved(address indexed node, address indexed admin);
     event Revoked(address indexed node, address indexed admin, uint8 reason);
 
-    constructor(address admin) {
-        _grantRole(DEFAULT_ADMIN_ROLE, admin);
-    }
+    /// @param adminDelay seconds between starting an admin transfer and the new admin accepting it.
+    constructor(address admin, uint48 adminDelay) AccessControlDefaultAdminRules(adminDelay, admin) {}
 
     /// @notice Ask to take part with the caller's wallet.
     function join(bytes32 modelId, bytes32 metadataDigest) external {

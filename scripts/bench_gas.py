@@ -2,6 +2,9 @@
 
     python scripts/bench_gas.py [--nodes 64] [--out scripts/results/gas.json]
 
+Direct submissions, and EIP-712-signed updates relayed in batches of 1, 8 and 64 (gas per update = the batch's gas
+over its size).
+
 Starts (and stops) its own anvil on a free port. Prints a side-by-side table, writes the numbers as JSON and exits
 1 if any target fails on either chain. Gas is deterministic: the keys, digests and call order are fixed.
 """
@@ -25,11 +28,13 @@ from chain.clients import Federation
 from chain.compiler import load_artifact
 from chain.connection import EMBEDDED, connect, is_embedded
 from chain.deployment import deploy
+from chain.signing import UpdateFields
 from chain.wallet import dev_account, fund
 from devstack import anvil
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gas.json"
 FEW = 4  # accepted updates in the small round
+BATCHES = (1, 8, 64)  # relayed batch sizes
 NODE_FUNDING_WEI = 10**18
 ROUND_SECONDS = 24 * 3600
 
@@ -46,8 +51,11 @@ class Target:
 
 
 def targets(nodes: int) -> tuple[Target, ...]:
+    relayed = (Target(f"relayed per update, batch {BATCHES[-1]} <= 35,000", f"relay_{BATCHES[-1]}_per_update",
+                      high=35_000),) if nodes >= BATCHES[-1] else ()
     return (
         Target("submitUpdate <= 60,000", "submit_max", high=60_000),
+        *relayed,
         Target("join + approve <= 150,000", "join_approve_max", high=150_000),
         Target("finalize <= 100,000", "finalize_max", high=100_000),
         Target(f"|finalize {nodes}/{FEW} - 1| <= 10%", "finalize_ratio", low=0.9, high=1.1),
@@ -62,12 +70,23 @@ def node_account(index: int) -> LocalAccount:
     return Account.from_key(digest(f"fedchain bench node {index}"))
 
 
-def open_round(aggregator: Federation, label: str) -> tuple[int, int]:
-    """Open a round as the aggregator; returns its id and the gas used."""
-    round_id, receipt = aggregator.open_round(digest(f"{label} cid"), digest(f"{label} sha"),
-                                              digest(f"{label} rules"), aggregator.chain_time() + ROUND_SECONDS,
-                                              FEW, allow_below_quorum=False)
+def open_round(aggregator: Federation, quorum: int = FEW) -> tuple[int, int]:
+    """Open a round as the aggregator from the lineage head under the federation's rules; its id and gas."""
+    round_id, receipt = aggregator.open_round(*aggregator.lineage_head(), aggregator.rules_digest(),
+                                              aggregator.chain_time() + ROUND_SECONDS, quorum,
+                                              allow_below_quorum=False)
     return round_id, receipt.gas_used
+
+
+def relay(aggregator: Federation, clients: list[Federation], size: int) -> int:
+    """Gas of one batch of `size` signed updates relayed by the aggregator, in a round of its own."""
+    round_id, _ = open_round(aggregator, quorum=1)
+    signed = [c.sign_update(UpdateFields(round_id, digest(f"cid {round_id} {c.address}"),
+                                         digest(f"sha {round_id} {c.address}"), 1000, digest(f"metrics {c.address}")))
+              for c in clients[:size]]
+    gas = aggregator.submit_signed_batch(round_id, signed).gas_used
+    finalize(aggregator, round_id, size)
+    return gas
 
 
 def submit(node: Federation, round_id: int) -> int:
@@ -81,7 +100,8 @@ def finalize(aggregator: Federation, round_id: int, accepted: int) -> int:
 
 
 def measure(w3: Web3, nodes: int) -> dict[str, float]:
-    """Deploy, register `nodes` funded accounts, run a round of `nodes` updates and one of FEW; gas per step."""
+    """Deploy, register `nodes` funded accounts, run a round of `nodes` updates and one of FEW, then relayed
+    batches; gas per step."""
     admin_account, aggregator_account = dev_account(w3, 0), dev_account(w3, 9)
     deployment = deploy(w3, admin_account, aggregator_account.address)
     accounts = [node_account(i) for i in range(nodes)]
@@ -93,16 +113,19 @@ def measure(w3: Web3, nodes: int) -> dict[str, float]:
 
     joins = [c.join(digest(f"model {i}"), digest(f"card {i}")).gas_used for i, c in enumerate(clients)]
     approves = [admin.approve(c.address).gas_used for c in clients]
-    big_round, open_first = open_round(aggregator, "big")
+    configure = aggregator.configure(digest("initial cid"), digest("initial sha"), digest("rules")).gas_used
+    big_round, open_first = open_round(aggregator)
     submits = [submit(c, big_round) for c in clients]
     finalize_many = finalize(aggregator, big_round, nodes)
-    small_round, open_later = open_round(aggregator, "small")
+    small_round, open_later = open_round(aggregator)
     for c in clients[:FEW]:
         submit(c, small_round)
     finalize_few = finalize(aggregator, small_round, FEW)
+    relayed = {size: relay(aggregator, clients, size) for size in BATCHES if size <= nodes}
     steady = submits[1:]
     return {
         "deploy": deployment.contracts["Federation"].gas_used,
+        "configure": configure,
         "join_max": max(joins),
         "approve_max": max(approves),
         "join_approve_max": max(j + a for j, a in zip(joins, approves)),
@@ -116,6 +139,8 @@ def measure(w3: Web3, nodes: int) -> dict[str, float]:
         f"finalize_{nodes}_accepted": finalize_many,
         "finalize_max": max(finalize_few, finalize_many),
         "finalize_ratio": round(finalize_many / finalize_few, 4),
+        **{f"relay_{size}_batch": gas for size, gas in relayed.items()},
+        **{f"relay_{size}_per_update": round(gas / size, 1) for size, gas in relayed.items()},
     }
 
 
@@ -179,7 +204,8 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=64, help=f"nodes in the big round (> {FEW})")
+    parser.add_argument("--nodes", type=int, default=64, help=f"nodes in the big round (> {FEW}; at least "
+                                                               f"{BATCHES[-1]} for every relayed batch size)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON report")
     args = parser.parse_args(argv)
     if args.nodes <= FEW:

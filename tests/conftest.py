@@ -84,12 +84,17 @@ class FedChain:
             admin.wait(tx_hash)
         return nodes
 
-    def open_round(self, duration: int = 3600, min_updates: int = 1, allow_below_quorum: bool = True,
-                   label: str = "base") -> int:
-        """Open the next round as the aggregator, closing `duration` seconds from the chain's time."""
-        round_id, _ = self.aggregator.open_round(self.digest(f"{label} cid"), self.digest(f"{label} sha"),
-                                                 self.digest(f"{label} rules"), self.admin.chain_time() + duration,
-                                                 min_updates, allow_below_quorum)
+    def configure(self) -> None:
+        """Register the initial adapter and the rules, unless already done."""
+        if self.admin.rules_digest() == bytes(32):
+            self.aggregator.configure(self.digest("initial cid"), self.digest("initial sha"), self.digest("rules"))
+
+    def open_round(self, duration: int = 3600, min_updates: int = 1, allow_below_quorum: bool = True) -> int:
+        """Open the next round as the aggregator from the lineage head under the federation's rules, closing
+        `duration` seconds from the chain's time."""
+        self.configure()
+        round_id, _ = self.aggregator.open_round(*self.admin.lineage_head(), self.admin.rules_digest(),
+                                                 self.admin.chain_time() + duration, min_updates, allow_below_quorum)
         return round_id
 
     def submit_all(self, round_id: int, nodes: list[Federation], samples: int = 100) -> list[str]:

@@ -20,16 +20,20 @@ import numpy as np
 import pytest
 from support import free_port, require
 
+from chain.clients import Federation
 from chain.connection import connect
+from chain.errors import ChainError
 from fednode.audit import AuditReport, Status, run_audit
+from fednode.audit.reconstruct import Reconstruction
 from fednode.learning.adapters import LoraTrainer
 from fednode.learning.data import DataConfig, build_clients
 from fednode.learning.privacy import DPSettings, epsilon
 from fednode.learning.settings import LoraSettings, TrainSettings
 from fednode.ops.cli import main
 from fednode.ops.embedded import EmbeddedFederation
+from fednode.protocol.aggregator import AggregatorError
 from fednode.protocol.packaging import SERVER_STATE_KEY, pack_adapter, unpack_adapter
-from fednode.protocol.publish import locate, publish_json
+from fednode.protocol.publish import locate, publish_bytes, publish_json
 from fednode.protocol.rules import FederationRules
 from fednode.protocol.verify import Reason
 from fednode.storage import EmbeddedStore
@@ -51,14 +55,15 @@ class World:
     and 24 training examples (so sample weighting matters), a fourth node that misbehaves, and an aggregator that
     can be made to cheat."""
 
-    def __init__(self, rpc: str, work: Path, base, trainer, aggregation: str = "fedavg", privacy: dict | None = None):
+    def __init__(self, rpc: str, work: Path, base, trainer, aggregation: str = "fedavg", privacy: dict | None = None,
+                 submit: list[str] | str = "direct"):
         self.store = EmbeddedStore(work / "store")
         rules = FederationRules(base_model=base.digest, lora=LORA.to_json(), max_adapter_bytes=1 << 20,
                                 aggregation=aggregation, privacy=privacy or {})
         clients = [replace(c, train=c.train[:8 * (i + 1)])
                    for i, c in enumerate(build_clients(DataConfig(num_clients=4, train_per_client=24, eval_per_client=8)))]
         self.fed = EmbeddedFederation.create([trainer] * 4, clients, rules, TRAIN, self.store, w3=connect(rpc),
-                                             first_account=300)
+                                             first_account=300, submit=submit)
         self.w3, self.deployment, self.admin_fed, self.agg = (self.fed.w3, self.fed.deployment, self.fed.admin,
                                                               self.fed.aggregator)
         self.deployment.save(work / "deployment.json")
@@ -261,8 +266,9 @@ def test_chain_only_audit_rebuilds_participants_rounds_and_gas(audited):
     world = audited.world
     report = run_audit(world.w3, world.deployment, page=3)  # no storage: events and commitments only
     assert report.ok and [r.status for r in report.rounds] == [Status.CONSISTENT] * 8
-    # two role grants at deployment, four joins and approvals, one revocation, 8 rounds (open, submissions, finalize)
-    assert report.events == audited.report.events == 2 + 4 * 2 + 1 + 2 * 6 + 6 * 5
+    # two role grants at deployment, four joins and approvals, one revocation, the initial adapter and rules
+    # registered, 8 rounds (open, submissions, finalize)
+    assert report.events == audited.report.events == 2 + 4 * 2 + 1 + 1 + 2 * 6 + 6 * 5
     revoked = [p for p in report.participants if p.revoked_block is not None]
     assert [p.address for p in revoked] == [world.nodes[2].address] and revoked[0].revoke_reason == 1
     assert all(p.gas["joined"] > 0 and p.gas["approved"] > 0 and p.hospital is None for p in report.participants)
@@ -375,15 +381,77 @@ def test_server_optimizer_state_is_carried_between_rounds_and_reverified(icd_bas
     assert finding.message.startswith("start adapter's server optimizer state: ") and state_cid in finding.message
 
 
-def test_a_round_that_does_not_start_from_the_last_global_adapter_is_noted(icd_base, trainer, tmp_path):
+def test_a_lineage_break_is_refused_on_chain_and_a_mismatch_in_the_audit(icd_base, trainer, tmp_path, monkeypatch):
     world = World("embedded", tmp_path, icd_base, trainer)
     initial = world.fed.base
     world.honest_round()
-    world.fed.base = initial  # the coordinator opens round 2 from the initial adapter again
+    world.fed.base = initial  # the coordinator tries to open round 2 from the initial adapter again
+    with pytest.raises(ChainError) as info:
+        world.fed.open()
+    assert info.value.error_name == "LineageBroken"
+    world.fed.base = world.agg.fed.lineage_head()
+    world.honest_round()
+
+    real_events = Federation.events
+
+    def rewritten(self, *args, **kwargs):  # what a contract without on-chain lineage (every history before it) or
+        # an RPC endpoint rewriting events would show: round 2 opened from the initial adapter
+        return [replace(e, args={**e.args, "baseCidDigest": initial[0], "baseSha256": initial[1]})
+                if e.name == "RoundOpened" and e.args["roundId"] == 2 else e for e in real_events(self, *args, **kwargs)]
+
+    monkeypatch.setattr(Federation, "events", rewritten)
+    first, second = run_audit(world.w3, world.deployment, world.store, verify=True).rounds
+    assert first.status == Status.VERIFIED
+    assert second.status == Status.MISMATCH and second.base_cid == first.base_cid != first.result.cid
+    assert f"lineage broken: starts from {second.base_cid}, not from round 1's global adapter {first.result.cid}" \
+        in [f.message for f in second.findings]
+
+
+def test_a_rules_change_by_the_admin_is_shown_and_other_rules_are_refused(icd_base, trainer, tmp_path):
+    world = World("embedded", tmp_path, icd_base, trainer)
+    world.honest_round()
+    stricter = replace(world.agg.rules, max_update_norm=40.0)
+    world.agg.rules = stricter
+    with pytest.raises(AggregatorError, match="an admin changes them"):
+        world.fed.open()
+    publish_bytes(world.store, stricter.to_bytes())
+    world.admin_fed.change_rules(stricter.digest())
     world.honest_round()
     first, second = run_audit(world.w3, world.deployment, world.store, verify=True).rounds
-    assert first.notes == [] and second.base_cid == first.base_cid != first.result.cid
-    assert second.notes == [f"starts from {second.base_cid}, not from round 1's global adapter {first.result.cid}"]
+    assert [first.status, second.status] == [Status.VERIFIED, Status.VERIFIED]
+    assert second.rules["max_update_norm"] == 40.0
+    [note] = [n for n in second.notes if n.startswith("rules changed by admin")]
+    assert note.startswith(f"rules changed by admin {world.admin_fed.address} at block ")
+    assert note.endswith(f": {first.rules_digest} -> {stricter.digest().hex()}")
+
+
+def test_relayed_updates_audit_verified_with_their_signatures_rechecked(icd_base, trainer, tmp_path, monkeypatch):
+    """Two hospitals submit directly, two hand signed updates to the aggregator, which relays them in one batch;
+    the audit re-checks every signature from the batch's calldata, and a signature that does not match the
+    recorded fields is a MISMATCH."""
+    world = World("embedded", tmp_path, icd_base, trainer, submit=["direct", "relay", "relay", "direct"])
+    world.nodes = world.fed.nodes  # all four honest here
+    world.honest_round()
+    world.honest_round()
+    report = run_audit(world.w3, world.deployment, world.store, verify=True)
+    assert [r.status for r in report.rounds] == [Status.VERIFIED] * 2, report.table()
+    for r in report.rounds:
+        relayed = {s.node: s.relayed_by for s in r.submissions}
+        assert relayed == {world.fed.nodes[0].address: None, world.fed.nodes[1].address: world.agg.fed.address,
+                           world.fed.nodes[2].address: world.agg.fed.address, world.fed.nodes[3].address: None}
+    real_read = Reconstruction._read_relay
+
+    def forged(self, tx_hash):  # the batch's calldata as a lying RPC endpoint would serve it: one s flipped
+        real_read(self, tx_hash)
+        if tx_hash in self.relays:
+            relayer, items = self.relays[tx_hash]
+            node, item = next(iter(items.items()))
+            items[node] = {**item, "s": bytes(31) + b"\x01"}
+
+    monkeypatch.setattr(Reconstruction, "_read_relay", forged)
+    first, _ = run_audit(world.w3, world.deployment, world.store).rounds
+    assert first.status == Status.MISMATCH
+    assert any("without" in f.message and "signature over its recorded fields" in f.message for f in first.findings)
 
 
 def test_a_node_whose_epsilon_differs_from_the_rules_is_noted(icd_base, trainer, tmp_path):

@@ -87,7 +87,7 @@ def test_federation_flow_and_its_events_on_anvil(anvil_fed):
         node.submit_update(first, fed.digest(f"cid {node.address}"), fed.digest("sha"), 10, fed.digest("m"))
     fed.aggregator.finalize(first, fed.digest("global"), fed.digest("global sha"), bytes([0, 0, 5]))
     fed.admin.revoke(nodes[0].address, reason=1)
-    second = fed.open_round(label="second")
+    second = fed.open_round()
     with pytest.raises(ChainError) as info:
         nodes[0].submit_update(second, fed.digest("late"), fed.digest("sha"), 10, fed.digest("m"))
     assert info.value.error_name == "NotParticipant"
@@ -97,7 +97,7 @@ def test_federation_flow_and_its_events_on_anvil(anvil_fed):
     paged = fed.admin.events(page=2)
     assert paged == fed.admin.events()
     assert [e.name for e in paged] == ["RoleGranted"] * 2 + ["Joined"] * 3 + ["Approved"] * 3 + [
-        "RoundOpened"] + ["UpdateSubmitted"] * 3 + ["RoundFinalized", "Revoked", "RoundOpened"]
+        "Configured", "RoundOpened"] + ["UpdateSubmitted"] * 3 + ["RoundFinalized", "Revoked", "RoundOpened"]
     positions = [(e.block_number, e.log_index) for e in paged]
     assert positions == sorted(positions) and len({e.block_number for e in paged}) > 2  # more than one page
     submitted = [(e.args["node"], e.args["index"]) for e in paged if e.name == "UpdateSubmitted"]

@@ -61,7 +61,8 @@ def toml_value(value) -> str:
     return json.dumps(value)
 
 
-def write_config(path: Path, rpc: str, ipfs: str, keystore: str, client: int = 0, steps: int = 5, **fed) -> Path:
+def write_config(path: Path, rpc: str, ipfs: str, keystore: str, client: int = 0, steps: int = 5, extra: str = "",
+                 **fed) -> Path:
     federation = {"rounds": 2, "round_seconds": 600, "min_updates": 3, "poll_seconds": 0.3, **fed}
     text = f"""
 [chain]
@@ -85,6 +86,7 @@ batch_size = 4
 
 [federation]
 {chr(10).join(f'{k} = {toml_value(v)}' for k, v in federation.items())}
+{extra}
 """
     path.write_text(text)
     return path
@@ -108,6 +110,9 @@ def stack(tmp_path_factory, model_cache, icd_base):
 
 
 def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(stack):
+    """Securely aggregated rounds: node0 and node1 submit directly (node1 is killed while it trains and
+    restarted); node2 signs its masked updates and hands them to the aggregator's relay endpoint, sending no
+    transaction after its join but its share reveals."""
     work, env, record, up_out = stack
     rpc, ipfs = record["rpc"], record["ipfs_api"]
     assert "stack up" in up_out
@@ -126,9 +131,13 @@ def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(sta
     # securely aggregated: the aggregator sees only the sum of the three masked updates
     secure = {"secure_aggregation": {"threshold": 0.6, "clip": 1.0, "scale_bits": 20}}
     admin_cfg = write_config(work / "admin.toml", rpc, ipfs, "admin.json", **secure)
-    agg_cfg = write_config(work / "aggregator.toml", rpc, ipfs, "aggregator.json", **secure)
+    relay = f"127.0.0.1:{free_port()}"
+    agg_cfg = write_config(work / "aggregator.toml", rpc, ipfs, "aggregator.json",
+                           extra=f'[aggregator]\nrelay_listen = "{relay}"', **secure)
+    relay_path = f'[node]\nsubmit = "relay"\nrelay = "http://{relay}"'
     node_cfgs = [write_config(work / f"node{i}.toml", rpc, ipfs, f"node{i}.json", client=i,
-                              steps=400 if i == 1 else 5, **secure) for i in range(3)]
+                              steps=400 if i == 1 else 5, extra=relay_path if i == 2 else "", **secure)
+                 for i in range(3)]
     for i, cfg in enumerate(node_cfgs):
         assert "joined as hospital-" in run(["node", "join", "--config", str(cfg)], env).stdout
         run(["admin", "approve", "--config", str(admin_cfg), addresses[f"node{i}"]], env)
@@ -191,6 +200,14 @@ def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(sta
     assert set(per_node.values()) == {1}, "an update was submitted twice"
     node1_log = (work / "node1.log").read_text()
     assert "AlreadySubmitted" not in node1_log and node1_log.count("round 1: submitted") == 1
+    # node2's updates came in the aggregator's batches: it sent its join and nothing else
+    node2 = Web3.to_checksum_address(addresses["node2"])
+    assert w3.eth.get_transaction_count(node2) == 1
+    assert (work / "node2.log").read_text().count("handed it to the relay") == 2
+    assert (work / "aggregator.log").read_text().count("signed updates recorded") == 2
+    relayed = [s for rnd in history.rounds.values() for s in rnd.submissions if s.node == node2]
+    assert [w3.eth.get_transaction(s.tx_hash)["from"] for s in relayed] == \
+        [Web3.to_checksum_address(addresses["aggregator"])] * 2
 
     # every recorded CID resolves on the IPFS node to bytes whose sha256 is the on-chain digest
     store = IpfsHttpStore(ipfs, timeout_s=20)

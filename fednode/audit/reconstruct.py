@@ -11,6 +11,8 @@ from web3 import Web3
 from chain.clients import Federation, RoundState
 from chain.commitments import result_commitment, submission_commitment
 from chain.deployment import Deployment
+from chain.events import RoundOpened, RulesChanged, record_of
+from chain.signing import SignedUpdate, UpdateFields
 
 from ..protocol.ledger import History, Ledger, RoundRecord
 from ..protocol.publish import named_cid
@@ -43,6 +45,8 @@ class Reconstruction:
         self.sources = sources
         self.watch = watch
         self.gas: dict[str, int] = {}
+        self.relays: dict[str, tuple[str, dict[str, dict]]] = {}  # batch tx -> (relayer, node -> signed update)
+        self._submissions_read: set[str] = set()  # submission transactions whose calldata was read
 
     @property
     def history(self) -> History:
@@ -56,7 +60,77 @@ class Reconstruction:
             for tx in dict.fromkeys(e.tx_hash for e in self.history.events):
                 if tx not in self.gas:
                     self.gas[tx] = self.w3.eth.get_transaction_receipt(tx)["gasUsed"]
+            for tx in dict.fromkeys(e.tx_hash for e in self.history.events if e.name == "UpdateSubmitted"):
+                if tx not in self._submissions_read:
+                    self._submissions_read.add(tx)
+                    self._read_relay(tx)
         return self.ledger.head
+
+    def _read_relay(self, tx_hash: str) -> None:
+        """Keep the signed updates a `submitSignedBatch` transaction carried (its calldata holds the signatures)."""
+        tx = self.w3.eth.get_transaction(tx_hash)
+        try:
+            function, params = self.fed.contract.decode_function_input(tx["input"])
+        except ValueError:  # a call the current ABI does not know (an older contract's)
+            return
+        if function.fn_name == "submitSignedBatch":
+            self.relays[tx_hash] = (tx["from"], {Web3.to_checksum_address(u["node"]): dict(u)
+                                                 for u in params["updates"]})
+
+    def check_signature(self, sub, sa: SubmissionAudit, ra: RoundAudit) -> None:
+        """A relayed update must carry its node's EIP-712 signature over exactly the fields its event records,
+        re-checked here with eth-account, independently of the contract."""
+        if sub.tx_hash not in self.relays:
+            return
+        relayer, items = self.relays[sub.tx_hash]
+        sa.relayed_by = relayer
+        sa.gas = self.gas[sub.tx_hash] // len(items)
+        item = items.get(sub.node)
+        d = self.fed.deployment
+        signer = None if item is None else SignedUpdate(
+            d.chain_id, d.address("Federation"), sub.node,
+            UpdateFields(ra.round_id, sub.cid_digest, sub.file_sha256, sub.num_samples, sub.metrics_digest),
+            item["v"], bytes(item["r"]), bytes(item["s"])).signer()
+        if signer != sub.node:
+            ra.find(Status.MISMATCH, f"update #{sub.index} from {sub.node} was relayed by {relayer} without "
+                                     f"{sub.node}'s signature over its recorded fields")
+
+    def check_lineage(self, rec: RoundRecord, previous: RoundRecord | None, ra: RoundAudit,
+                      rules: bytes | None) -> None:
+        """The round starts from the previous round's outcome (round 1: the registered initial adapter) under the
+        rules in force when it opened (`rules`; None in histories from before rules were registered)."""
+        if previous is not None:
+            expected, what = previous.next_base, (f"round {previous.round_id}'s "
+                                                  f"{'global' if previous.finalized else 'start'} adapter")
+        elif self.history.configured is not None:
+            c = self.history.configured
+            expected, what = (c.cid_digest, c.file_sha256), "the registered initial adapter"
+        else:
+            expected = None
+        if expected is not None and expected != (rec.base_cid_digest, rec.base_sha256):
+            ra.find(Status.MISMATCH, f"lineage broken: starts from {ra.base_cid}, not from {what} "
+                                     f"{named_cid(*expected)}")
+        if rules is not None and rules != rec.rules_digest:
+            ra.find(Status.MISMATCH, f"opened under rules {rec.rules_digest.hex()}, not the federation's "
+                                     f"{rules.hex()}")
+        for change in self.history.rules_changes:
+            if (previous.opened_block if previous else 0) < change.block_number <= rec.opened_block:
+                ra.notes.append(f"rules changed by admin {change.admin} at block {change.block_number}: "
+                                f"{change.previous_digest.hex()} -> {change.rules_digest.hex()}")
+
+    def rules_in_force(self) -> dict[int, bytes]:
+        """The federation's rules digest when each round opened, replayed from the events in chain order (empty
+        before lineage was recorded on-chain)."""
+        current, out = None, {}
+        for event in self.history.events:
+            record = record_of(event)
+            if self.history.configured is not None and record == self.history.configured:
+                current = record.rules_digest
+            elif isinstance(record, RulesChanged):
+                current = record.rules_digest
+            elif isinstance(record, RoundOpened) and current is not None:
+                out[record.round_id] = current
+        return out
 
     def participants(self) -> list[ParticipantAudit]:
         gas: dict[str, dict[str, int]] = {}
@@ -72,8 +146,10 @@ class Reconstruction:
                                         p.revoked_block, p.revoke_reason, gas.get(p.address, {}), card))
         return out
 
-    def round(self, rec: RoundRecord, previous: RoundRecord | None, hospitals: dict[str, str | None]) -> RoundAudit:
-        """The round as its events and the contract record it: submissions, result, lineage, rules, privacy."""
+    def round(self, rec: RoundRecord, previous: RoundRecord | None, hospitals: dict[str, str | None],
+              rules: bytes | None) -> RoundAudit:
+        """The round as its events and the contract record it: submissions and their signatures, result,
+        lineage, rules (`rules`: the federation's when it opened)."""
         f = rec.finalized
         ra = RoundAudit(rec.round_id, rec.state.name, rec.opener, rec.opened_block, rec.opened_tx,
                         self.gas[rec.opened_tx], rec.deadline, rec.min_updates, rec.allow_below_quorum,
@@ -86,14 +162,13 @@ class Reconstruction:
                 sub.tx_hash, self.gas[sub.tx_hash],
                 verdict=reason_name(f.verdicts[sub.index]) if f and sub.index < len(f.verdicts) else None,
                 metrics=self.sources.document(sub.metrics_digest)))
+            self.check_signature(sub, ra.submissions[-1], ra)
         if f is not None:
             verdicts = list(f.verdicts)
             ra.result = ResultAudit(f.aggregator, f.block_number, f.tx_hash, self.gas[f.tx_hash],
                                     named_cid(f.cid_digest, f.file_sha256), f.file_sha256.hex(), f.accepted,
                                     verdicts, [i for i, v in enumerate(verdicts) if v == 0])
-        if previous is not None and previous.next_base != (rec.base_cid_digest, rec.base_sha256):
-            ra.notes.append(f"starts from {ra.base_cid}, not from round {previous.round_id}'s "
-                            f"{'global' if previous.finalized else 'start'} adapter {named_cid(*previous.next_base)}")
+        self.check_lineage(rec, previous, ra, rules)
         return ra
 
     def check_commitments(self, rec: RoundRecord, ra: RoundAudit) -> None:
@@ -193,9 +268,10 @@ def run_audit(w3: Web3, deployment: Deployment, store: Storage | None = None, ve
     participants = chain.participants()
     hospitals = {p.address: p.hospital for p in participants}
     records = [chain.history.rounds[r] for r in sorted(chain.history.rounds)]
+    rules_in_force = chain.rules_in_force()
     rounds = []
     for i, rec in enumerate(records):
-        ra = chain.round(rec, records[i - 1] if i else None, hospitals)
+        ra = chain.round(rec, records[i - 1] if i else None, hospitals, rules_in_force.get(rec.round_id))
         finalized = rec.finalized is not None
         if store is not None:
             rules = sources.rules(rec.rules_digest)

@@ -45,6 +45,7 @@ class SubmissionAudit:
     metrics: dict | None = None      # the node's published metrics document
     bytes: int | None = None         # size of the update file (what the hospital uploaded), when fetched
     status: Status | None = None     # MISMATCH / UNAVAILABLE when this update fails the audit
+    relayed_by: str | None = None    # the account that relayed this signed update (None: sent by the node)
 
 
 @dataclass

@@ -90,7 +90,7 @@ def cmd_demo(args) -> int:
         raise ValueError("--clients and --rounds must be at least 1")
     cfg = DemoConfig(model=args.model, clients=args.clients, rounds=args.rounds, partition=args.partition,
                      source=args.source, alpha=args.alpha, seed=args.seed, out=Path(args.out),
-                     train=TrainSettings(steps=args.steps, seed=args.seed), method=args.method,
+                     train=TrainSettings(steps=args.steps, seed=args.seed), method=args.method, submit=args.submit,
                      **({} if args.train_per_client is None else {"train_per_client": args.train_per_client}))
     run_demo(cfg)
     return 0
@@ -183,6 +183,23 @@ def cmd_admin(args) -> int:
         receipt = p.federation.approve(args.address)
     elif args.admin_command == "revoke":
         receipt = p.federation.revoke(args.address, args.reason)
+    elif args.admin_command == "rules":
+        from ..protocol.publish import publish_bytes
+
+        publish_bytes(p.store, p.rules.to_bytes())
+        receipt = p.federation.change_rules(p.rules.digest())
+        print(f"rules changed to {p.rules.digest().hex()} ([federation] of {p.config.path}; tx {receipt.tx_hash}, "
+              f"gas {receipt.gas_used:,}); the next round opens under them")
+        return 0
+    elif args.admin_command == "transfer":
+        receipt = p.federation.begin_admin_transfer(args.address)
+        print(f"admin transfer to {args.address} started (tx {receipt.tx_hash}); it accepts with `fedchain admin "
+              "accept` once the contract's delay has passed")
+        return 0
+    elif args.admin_command == "accept":
+        receipt = p.federation.accept_admin_transfer()
+        print(f"{p.federation.address} is now the admin (tx {receipt.tx_hash})")
+        return 0
     else:  # read-only: no wallet, no password
         from ..protocol.ledger import Ledger
 
@@ -337,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fedavg", choices=list(METHODS),
                    help="federated method: aggregation rule, client objective, privacy, adapter type "
                         "(see fednode/protocol/methods.py)")
+    p.add_argument("--submit", default="direct", choices=["direct", "relay"],
+                   help="direct: each hospital sends its updates; relay: hospitals sign them (no ether), the "
+                        "aggregator relays them in one batch per round")
     p.add_argument("--out", default="out/demo", help="output folder (report.json, adapters/, store/)")
     p.set_defaults(func=cmd_demo)
 
@@ -392,12 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_node_run)
 
-    admin = sub.add_parser("admin", help="approve, revoke and list participants").add_subparsers(
-        dest="admin_command", required=True)
-    for name in ("approve", "revoke", "participants"):
-        p = admin.add_parser(name)
+    admin = sub.add_parser("admin", help="approve, revoke and list participants, change the rules, hand over the "
+                                         "admin role").add_subparsers(dest="admin_command", required=True)
+    for name, text in (("approve", "approve a joined node"), ("revoke", "revoke a node"),
+                       ("participants", "list the participants"),
+                       ("rules", "make this config's [federation] section the rules of the next rounds"),
+                       ("transfer", "start handing the admin role to ADDRESS (it accepts after the delay)"),
+                       ("accept", "accept the admin role handed to this wallet")):
+        p = admin.add_parser(name, help=text)
         p.add_argument("--config", required=True)
-        if name != "participants":
+        if name in ("approve", "revoke", "transfer"):
             p.add_argument("address")
         else:
             p.add_argument("--json", action="store_true", help="print the participants as JSON")

@@ -52,6 +52,29 @@ class WalletSection:
 
 
 @dataclass(frozen=True)
+class NodeSection:
+    submit: str = "direct"                # "direct": this wallet sends each update (needs ether); "relay": it signs
+                                          #   the update and the aggregator relays it (no ether)
+    relay: str = "http://127.0.0.1:8547"  # the aggregator's relay endpoint ([aggregator] relay_listen)
+
+    def __post_init__(self) -> None:
+        if self.submit not in ("direct", "relay"):
+            raise ValueError(f'submit must be "direct" or "relay", got {self.submit!r}')
+        if not self.relay.startswith(("http://", "https://")):
+            raise ValueError(f"relay must be an http(s) URL, got {self.relay!r}")
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    relay_listen: str = ""                # "host:port" where hospitals hand over signed updates; "" = no relay
+
+    def __post_init__(self) -> None:
+        host, _, port = self.relay_listen.rpartition(":")
+        if self.relay_listen and not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f'relay_listen must be "host:port", got {self.relay_listen!r}')
+
+
+@dataclass(frozen=True)
 class ModelSection:
     name: str = "tiny"                    # "tiny" or "smollm2"
     cache_dir: str = ""                   # default $FEDCHAIN_CACHE or ~/.cache/fedchain
@@ -106,6 +129,8 @@ class Config:
     chain: ChainSection = field(default_factory=ChainSection)
     storage: StorageSection = field(default_factory=StorageSection)
     wallet: WalletSection = field(default_factory=WalletSection)
+    node: NodeSection = field(default_factory=NodeSection)
+    aggregator: AggregatorSection = field(default_factory=AggregatorSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSettings = field(default_factory=TrainSettings)

@@ -41,6 +41,14 @@ class DemoConfig:
     method: str = "fedavg"                # a name in fednode.protocol.methods.METHODS
     round_seconds: int = 3600
     progress: bool = True
+    submit: str = "direct"                # "relay": hospitals sign, the aggregator relays their updates in a batch
+
+
+def _gas_share(w3, verdict, verdicts) -> int:
+    """The gas of the transaction that recorded an update, shared among the updates it recorded (a relayed
+    batch)."""
+    tx = verdict.submission.tx_hash
+    return w3.eth.get_transaction_receipt(tx)["gasUsed"] // sum(v.submission.tx_hash == tx for v in verdicts)
 
 
 def _short(value: str, n: int = 10) -> str:
@@ -75,7 +83,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     store = EmbeddedStore(cfg.out / "store")
     rules = chosen.rules(base.digest, cfg.lora, cfg.prompt, cfg.train, rounds=cfg.rounds)
-    fed = EmbeddedFederation.create(trainers, clients, rules, cfg.train, store, watch)
+    fed = EmbeddedFederation.create(trainers, clients, rules, cfg.train, store, watch, submit=cfg.submit)
     deployment, nodes = fed.deployment, fed.nodes
     log(f"Federation contract {deployment.address('Federation')} on the embedded chain (id {deployment.chain_id})")
     deployment.save(cfg.out / "deployment.json")
@@ -98,7 +106,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                          "train_loss": u.metrics["train_loss"], "eval_loss": evals[node.client.name]["loss"],
                          "eval_perplexity": evals[node.client.name]["perplexity"], "cid": u.cid,
                          "file_sha256": u.file_sha256.hex(), "metrics_cid": u.metrics_cid,
-                         "tx": u.receipt.tx_hash, "gas": u.receipt.gas_used, "verdict": v.reason.name,
+                         "tx": v.submission.tx_hash, "gas": _gas_share(fed.w3, v, result.verdicts),
+                         "relayed": u.receipt is None, "verdict": v.reason.name,
                          "bytes_up": u.size, "bytes_down": result.size,
                          "update_norm": v.update_norm, "epsilon": u.metrics.get("privacy", {}).get("epsilon"),
                          "personal_eval_loss": u.metrics.get("personal_eval_loss")})

@@ -80,10 +80,12 @@ class EmbeddedFederation:
     @classmethod
     def create(cls, trainers: Sequence[AdapterTrainer], clients: Sequence[ClientData], rules: FederationRules,
                train: TrainSettings, store: Storage, watch: Stopwatch | None = None, w3: Web3 | None = None,
-               first_account: int = 0, log: Callable[[str], None] = lambda m: None) -> EmbeddedFederation:
+               first_account: int = 0, log: Callable[[str], None] = lambda m: None,
+               submit: Sequence[str] | str = "direct") -> EmbeddedFederation:
         """Deploy on a fresh embedded chain (or on `w3`'s dev chain; admin = dev account 0, aggregator = dev
         account 9), fund wallet `first_account + i` for hospital i, and have each join with its own trainer and
-        be approved."""
+        be approved. `submit` (one for all, or one per hospital): "direct" sends each update from the hospital's
+        wallet, "relay" signs it and hands it to the aggregator, which relays it in a batch."""
         watch = watch or Stopwatch()
         with watch("chain"):
             w3 = w3 or connect("embedded")
@@ -94,8 +96,12 @@ class EmbeddedFederation:
                 fund(w3, admin, account.address, NODE_FUNDING_WEI)
         admin_fed = Federation(w3, deployment, admin)
         aggregator = Aggregator(Federation(w3, deployment, agg_account), store, rules, watch, log=log)
-        nodes = [Node(Federation(w3, deployment, a), store, t, c, rules, train, watch)
-                 for a, t, c in zip(accounts, trainers, clients, strict=True)]
+        paths = [submit] * len(clients) if isinstance(submit, str) else list(submit)
+        if set(paths) - {"direct", "relay"}:
+            raise ValueError(f"submit must be 'direct' or 'relay', got {paths}")
+        nodes = [Node(Federation(w3, deployment, a), store, t, c, rules, train, watch,
+                      relay=aggregator.relayer.receive if path == "relay" else None)
+                 for a, t, c, path in zip(accounts, trainers, clients, paths, strict=True)]
         joins = []
         for node in nodes:
             receipt = node.join()

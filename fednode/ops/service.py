@@ -17,6 +17,8 @@ from ..protocol.node import Node
 from ..protocol.publish import named_cid
 from ..timing import Stopwatch
 from .participant import Participant
+from .relay_http import PATH as RELAY_PATH
+from .relay_http import relay_client, serve_relay
 
 CLOSED = ("DeadlinePassed", "RoundNotOpen")  # a submission the round no longer takes
 
@@ -49,10 +51,12 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
     log(f"node {fed.address} ({p.client.name}, {len(p.client.train)} train / {len(p.client.eval)} eval examples),"
         f" registry status {status}")
     watch = Stopwatch()
+    relay = relay_client(p.config.node.relay) if p.config.node.submit == "relay" else None
     node = Node(fed, p.store, p.trainer, p.client, p.rules, p.config.train, watch,
-                p.config.resolve(p.config.model.private_dir), log=log)
+                p.config.resolve(p.config.model.private_dir), relay=relay, log=log)
     ledger = Ledger(fed)
     evaluations, passed = {}, set()  # rounds this node takes no part in any more (said once each)
+    rules_changes = 0  # RulesChanged events already said
 
     def skip(rec: RoundRecord, why: str) -> None:
         if rec.round_id not in passed:
@@ -60,7 +64,12 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
             log(f"round {rec.round_id}: {why}; waiting for the next round")
 
     while not stop():
-        rec = ledger.refresh().latest_round()
+        history = ledger.refresh()
+        for change in history.rules_changes[rules_changes:]:
+            log(f"rules changed by admin {change.admin} at block {change.block_number}: "
+                f"{change.previous_digest.hex()[:16]}… -> {change.rules_digest.hex()[:16]}…")
+        rules_changes = len(history.rules_changes)
+        rec = history.latest_round()
         if rec is None:
             time.sleep(p.config.federation.poll_seconds)
             continue
@@ -90,7 +99,11 @@ def run_node(p: Participant, stop: Callable[[], bool] = lambda: False, log=_log)
                         raise
                     skip(rec, f"closed while this node trained, its update is not submitted ({exc})")
                     continue
-                if sub is not None:
+                if sub is not None and sub.receipt is None:
+                    passed.add(rec.round_id)
+                    log(f"round {rec.round_id}: signed {sub.cid} (train loss {sub.metrics['train_loss']:.4f}) and "
+                        f"handed it to the relay {p.config.node.relay} as {sub.signed_cid}; no transaction")
+                elif sub is not None:
                     passed.add(rec.round_id)
                     log(f"round {rec.round_id}: submitted {sub.cid} (train loss {sub.metrics['train_loss']:.4f}, "
                         f"tx {sub.receipt.tx_hash}, gas {sub.receipt.gas_used:,})")
@@ -133,6 +146,20 @@ def run_aggregator(p: Participant, stop: Callable[[], bool] = lambda: False, log
     watch = Stopwatch()
     agg = Aggregator(p.federation, p.store, p.rules, watch, log=log)
     agg.check_quorum(f.min_updates)  # before anything is published or sent
+    listen = p.config.aggregator.relay_listen
+    server = serve_relay(listen, agg.relayer.receive) if listen else None
+    if server is not None:
+        log(f"relay: taking signed updates on http://{listen}{RELAY_PATH}")
+    try:
+        return _aggregate(p, agg, watch, stop, log)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _aggregate(p: Participant, agg: Aggregator, watch: Stopwatch, stop: Callable[[], bool], log) -> list[int]:
+    """The aggregator's loop, while its relay endpoint (if any) serves."""
+    f = p.config.federation
     finalized, waiting, unmasking = [], set(), set()  # rounds waiting for their deadline, for shares (said once)
 
     def opened(rec: RoundRecord, start: str) -> None:

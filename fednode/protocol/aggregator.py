@@ -16,6 +16,7 @@ from .ledger import Ledger, RoundRecord
 from .merge import accepted_updates, merge_round
 from .packaging import pack_global
 from .publish import fetch_adapter, fetch_server_state, publish_bytes, publish_json
+from .relay import Relayer
 from .rules import FederationRules
 from .secagg.keys import participant_keys
 from .secagg.shares import SurvivorsDocument
@@ -61,6 +62,7 @@ class Aggregator:
         self._rules_published = False
         self._cards: dict[bytes, ModelCard | str] = {}
         self._unmasking: dict[int, list[Verdict]] = {}  # masked rounds' verdicts as of their survivors' fixing
+        self.relayer = Relayer(fed, store, log)  # signed updates handed over by nodes on the relay path
 
     def publish_global(self, round_id: int, state: dict, server_state: dict | None = None
                        ) -> tuple[str, bytes, bytes]:
@@ -90,14 +92,33 @@ class Aggregator:
                 publish_bytes(self.store, self.rules.to_bytes())
             self._rules_published = True
         with self.stopwatch("chain"):  # judged by the next block's time: on an idle chain the latest block is old
+            self.check_lineage(base_cid_digest, base_sha256)
             deadline = self.fed.next_block_time() + duration_s
             round_id, _ = self.fed.open_round(base_cid_digest, base_sha256, self.rules.digest(), deadline,
                                               min_updates, allow_below_quorum)
             return self.ledger.refresh().rounds[round_id]
 
+    def check_lineage(self, base_cid_digest: bytes, base_sha256: bytes) -> None:
+        """Before round 1, register `base` as the initial adapter with these rules; later, refuse rules other than
+        the federation's (only an admin changes them, on-chain)."""
+        on_chain = self.fed.rules_digest()
+        if on_chain == bytes(32):
+            self.fed.configure(base_cid_digest, base_sha256, self.rules.digest())
+        elif on_chain != self.rules.digest():
+            raise AggregatorError(f"the federation's rules on-chain are {on_chain.hex()}, this aggregator's "
+                                  f"[federation] section gives {self.rules.digest().hex()}: an admin changes them "
+                                  "with `fedchain admin rules --config FILE`")
+
+    def relay(self, rec: RoundRecord) -> None:
+        """Record the signed updates nodes handed over for round `rec`, in one transaction."""
+        history = self.ledger.refresh()
+        self.relayer.flush(history, history.rounds[rec.round_id])
+
     def ready(self, rec: RoundRecord) -> bool:
-        """Every active participant has submitted, or the deadline has passed."""
+        """Every active participant has submitted, or the deadline has passed; signed updates handed over are
+        relayed first."""
         with self.stopwatch("chain"):
+            self.relay(rec)
             history = self.ledger.refresh()
             rec = history.rounds[rec.round_id]
             head = self.fed.w3.eth.block_number
@@ -156,6 +177,8 @@ class Aggregator:
                  f"the participants' shares")
 
     def finalize(self, rec: RoundRecord) -> RoundResult:
+        with self.stopwatch("chain"):
+            self.relay(rec)
         start, start_meta = self.start_adapter(rec)
         rec = self.ledger.refresh().rounds[rec.round_id]
         if rec.unmask is not None and rec.round_id in self._unmasking:  # survivors fixed: the verdicts are too

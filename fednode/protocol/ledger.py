@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chain.clients import Federation, RoundState
-from chain.events import (Approved, ChainEvent, Joined, RoundCancelled, RoundFinalized, RoundOpened, Revoked,
-                          SharesRevealed, UnmaskRequested, UpdateSubmitted, record_of)
+from chain.events import (Approved, ChainEvent, Configured, Joined, RoundCancelled, RoundFinalized, RoundOpened,
+                          Revoked, RulesChanged, SharesRevealed, UnmaskRequested, UpdateSubmitted, record_of)
 
 Submission = UpdateSubmitted  # one submission is exactly its event
 
@@ -72,6 +72,8 @@ class History:
     participants: dict[str, ParticipantRecord] = field(default_factory=dict)
     rounds: dict[int, RoundRecord] = field(default_factory=dict)
     events: list[ChainEvent] = field(default_factory=list)
+    configured: Configured | None = None  # the initial adapter and rules (none in histories before lineage)
+    rules_changes: list[RulesChanged] = field(default_factory=list)
 
     def apply(self, e: ChainEvent) -> None:
         self.events.append(e)
@@ -83,6 +85,10 @@ class History:
             case Revoked() as r:
                 self.participants[r.node].revoked_block = r.block_number
                 self.participants[r.node].revoke_reason = r.reason
+            case Configured() as c:
+                self.configured = c
+            case RulesChanged() as c:
+                self.rules_changes.append(c)
             case RoundOpened() as o:
                 self.rounds[o.round_id] = RoundRecord.opened(o)
             case UpdateSubmitted() as u:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chain.clients import Federation, RoundState
+from chain.signing import UpdateFields
 from chain.transactions import Receipt
 
 from ..learning.data import ClientData
@@ -24,6 +25,7 @@ from .ledger import Ledger, RoundRecord
 from .packaging import SHARES_KEY, WEIGHT_KEY, adapter_metadata, pack_adapter
 from .private_adapters import PrivateAdapters
 from .publish import fetch_adapter, fetch_rules, publish_bytes, publish_json
+from .relay import Handover, hand_over
 from .rules import FederationRules
 from .secagg import keys as secagg_keys
 from .secagg.masking import apply_mask, merge_weight, pair_sign, quantize, to_state
@@ -51,15 +53,18 @@ class SubmittedUpdate:
     num_samples: int
     metrics: dict
     metrics_cid: str
-    receipt: Receipt
+    receipt: Receipt | None  # None on the relay path: the aggregator's batch records it
+    signed_cid: str | None = None  # on the relay path, the signed update handed to the aggregator
     size: int = 0  # bytes of the update file (what the hospital uploads besides its small documents)
 
 
 class Node:
     def __init__(self, fed: Federation, store: Storage, trainer: AdapterTrainer, client: ClientData,
                  rules: FederationRules, train: TrainSettings, stopwatch: Stopwatch | None = None,
-                 private_dir: Path | None = None, adapter_config: dict | None = None, log=print):
-        """`private_dir` keeps the hospital's private adapter (personalized rules) between rounds and restarts;
+                 private_dir: Path | None = None, adapter_config: dict | None = None, relay: Handover | None = None,
+                 log=print):
+        """`relay` hands signed updates to the aggregator instead of sending them (no ether needed). `private_dir`
+        keeps the hospital's private adapter (personalized rules) between rounds and restarts;
         None keeps it in memory. `adapter_config` is this node's own (default: its trainer's; a node that only
         joins may have no trainer). `log` says what a hospital's operator must know (unusable share bundles)."""
         self.log = log
@@ -79,6 +84,7 @@ class Node:
         self.ledger = Ledger(fed)
         self._cards: dict[bytes, ModelCard | str] = {}
         self._keys: dict[int, dict[str, bytes]] = {}  # masked rounds' participants (fixed when a round opens)
+        self.relay = relay
 
     @property
     def address(self) -> str:
@@ -265,13 +271,21 @@ class Node:
         return PrivateRun(dp, len(self.client.train), rules.rounds, seed, done)
 
     def publish_and_submit(self, round_id: int, data: bytes, num_samples: int, metrics: dict) -> SubmittedUpdate:
-        """Publish the update's bytes and its metrics, then anchor both digests on-chain."""
+        """Publish the update's bytes and its metrics, then anchor both digests on-chain, or sign them and hand them
+        to the relay."""
         with self.stopwatch("storage"):
             cid, cid_digest, sha = publish_bytes(self.store, data)
             metrics_cid, metrics_digest = publish_json(self.store, metrics)
+        if self.relay is not None:
+            with self.stopwatch("storage"):
+                signed_cid = hand_over(self.fed, self.store, UpdateFields(round_id, cid_digest, sha, num_samples,
+                                                                          metrics_digest), self.relay)
+            return SubmittedUpdate(round_id, cid, cid_digest, sha, num_samples, metrics, metrics_cid, None, signed_cid,
+                                   size=len(data))
         with self.stopwatch("chain"):
             receipt = self.fed.submit_update(round_id, cid_digest, sha, num_samples, metrics_digest)
-        return SubmittedUpdate(round_id, cid, cid_digest, sha, num_samples, metrics, metrics_cid, receipt, len(data))
+        return SubmittedUpdate(round_id, cid, cid_digest, sha, num_samples, metrics, metrics_cid, receipt,
+                               size=len(data))
 
     def participate(self, rec: RoundRecord) -> SubmittedUpdate | None:
         """Train, publish and submit for an open round; None if this node already submitted to it (a restart)."""
