@@ -69,7 +69,7 @@ def test_encodings_are_canonical_and_validated():
     for enc in (UpdateEncoding("float16"), UpdateEncoding("int8", top_k=0.2)):
         assert pack_adapter(enc.encode(state, start), {}) == pack_adapter(enc.encode(state, start), {})
     for bad, match in (({"dtype": "int4"}, "dtype"), ({"block_size": 0}, "block_size"), ({"top_k": 1.0}, "top_k"),
-                       ({"sparsity": 0.1}, "unknown key")):
+                       ({"sparsity": 0.1}, "unknown encoding parameter")):
         with pytest.raises(EncodingError, match=match):
             UpdateEncoding.from_rules(bad)
     with pytest.raises(RulesError, match="no secure_aggregation"):

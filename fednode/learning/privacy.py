@@ -17,11 +17,13 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
+
+from ..tables import from_table
 
 MECHANISMS = ("hospital", "gaussian")  # "gaussian" is what rules version 1 called hospital-level DP
 RECORD_MECHANISM = "dp_sgd"
@@ -183,11 +185,4 @@ def privatize(update: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tens
 
 def settings_from(cls: type, privacy: Mapping, what: str):
     """Dataclass `cls` built from a rules' `privacy` object, naming the first unknown or missing parameter."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(privacy) - known)
-    if unknown:
-        raise PrivacyError(f"unknown {what} parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    missing = [f.name for f in fields(cls) if f.name not in privacy and f.default is MISSING]
-    if missing:
-        raise PrivacyError(f"{what} lacks {missing[0]!r}")
-    return cls(**privacy)
+    return from_table(cls, privacy, what, PrivacyError)

@@ -346,10 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default="natural", choices=["natural", "dirichlet"])
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (with --partition dirichlet)")
     p.add_argument("--source", default="icd10", choices=["icd10", "drugs", "mixed"])
-    p.add_argument("--steps", type=int, default=30, help="local training steps per round")
+    p.add_argument("--steps", type=int, default=20, help="local training steps per round")
     p.add_argument("--train-per-client", type=int,
-                   help="training examples per hospital (default 32: alone a hospital overfits so few, federated it "
-                        "does not)")
+                   help="training examples per hospital (default 64: alone a hospital overfits so few, federated it "
+                        "much less)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="fedavg", choices=list(METHODS),
                    help="federated method: aggregation rule, client objective, privacy, adapter type "

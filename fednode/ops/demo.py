@@ -30,14 +30,14 @@ class DemoConfig:
     source: str = "icd10"
     alpha: float = 1.0
     seed: int = 0
-    train_per_client: int = 32            # few examples each: alone a hospital overfits them, federated it does not
+    train_per_client: int = 64            # few examples each: alone a hospital overfits them, federated much less
     eval_per_client: int = 64
     out: Path = Path("out/demo")
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "FEDCHAIN_CACHE", Path.home() / ".cache" / "fedchain")))
     lora: LoraSettings = field(default_factory=LoraSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=20))
     method: str = "fedavg"                # a name in fednode.protocol.methods.METHODS
     round_seconds: int = 3600
     progress: bool = True

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..tables import from_table
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 SCALES, INDICES = "__scales__", "__indices__"  # the int8 scales and top-k indices of every tensor, concatenated
 METADATA_KEY = "fedchain.encoding"      # an encoded update's metadata: its encoding, as canonical JSON
@@ -42,14 +44,7 @@ class UpdateEncoding:
     @classmethod
     def from_rules(cls, table: dict) -> UpdateEncoding | None:
         """None for {} (plain float32 adapters, as before encodings existed)."""
-        if not table:
-            return None
-        if not isinstance(table, dict):
-            raise EncodingError(f"encoding must be a table, got {table!r}")
-        unknown = sorted(set(table) - {"dtype", "block_size", "top_k"})
-        if unknown:
-            raise EncodingError(f"unknown key {unknown[0]!r} (known: block_size, dtype, top_k)")
-        return cls(**table)
+        return from_table(cls, table, "encoding", EncodingError) if table != {} else None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from ...tables import from_table
+
 EXACT_BITS = 53  # |sum| below 2^53 converts to float64 exactly
 
 
@@ -39,14 +41,7 @@ class SecureSettings:
 
     @classmethod
     def from_rules(cls, table: dict) -> SecureSettings | None:
-        if not table:
-            return None
-        if not isinstance(table, dict):
-            raise SecureAggregationError(f"secure_aggregation must be a table, got {table!r}")
-        unknown = sorted(set(table) - {"threshold", "clip", "scale_bits"})
-        if unknown:
-            raise SecureAggregationError(f"unknown key {unknown[0]!r} (known: clip, scale_bits, threshold)")
-        return cls(**table)
+        return from_table(cls, table, "secure_aggregation", SecureAggregationError) if table != {} else None
 
     def shares_needed(self, participants: int) -> int:
         """t: more than half of the round's participants, and at least `threshold` of them."""
