@@ -164,6 +164,9 @@ PRESETS: dict[str, BenchConfig] = {
     "privacy": BenchConfig(settings=("icd10:natural",), seeds=(0, 1, 2),
                            methods=("fedavg", "dp_sgd-1", "dp_sgd-3", "dp_sgd-8"), rounds=3, train_per_client=4096,
                            mc_items=8, train=TrainSettings(steps=5, batch_size=256, lr=1e-2)),
+    # `fedchain demo`'s default setting (64 training examples and 20 steps per hospital and round), over 3 seeds
+    "demo": BenchConfig(settings=("icd10:natural",), seeds=(0, 1, 2), methods=("fedavg",), rounds=3,
+                        train_per_client=64, train=TrainSettings(steps=20)),
     # update encodings against float32 (and secure aggregation's fixed point) on the same partitions
     "encodings": BenchConfig(settings=("icd10:natural", "drugs:natural"), seeds=(0, 1, 2),
                              methods=("fedavg", "fp16", "bf16", "int8", "int8-top10", "secagg"), rounds=3,

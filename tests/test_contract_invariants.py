@@ -479,7 +479,7 @@ class FederationMachine(RuleBasedStateMachine):
         first = len(m.rounds) - len(rounds) + 1
         for round_id, r in enumerate(rounds, start=first):
             assert tuple(view("getRound", round_id)) == (r.deadline, r.min_updates, len(r.submissions), r.accepted,
-                                                           r.state, r.allow_below_quorum)
+                                                           r.state, r.allow_below_quorum, False)  # never unmasked
             submitted = dict(r.submissions)
             for account in c.nodes + [c.forger]:
                 node = account.address

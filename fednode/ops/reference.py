@@ -35,6 +35,8 @@ SECTION_DOCS = {
     "lora": "the LoRA adapter (the federation's rules commit to it)",
     "prompt": "the prompt-tuning adapter",
     "federation": "the rules the aggregator commits on-chain every round (nodes check they match)",
+    "node": "how a hospital submits its updates: its own transactions, or signed and relayed by the aggregator",
+    "aggregator": "the aggregator's relay endpoint for hospitals that submit through it",
 }
 
 
