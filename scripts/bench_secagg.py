@@ -39,8 +39,8 @@ from fednode.ops.embedded import EmbeddedFederation  # noqa: E402
 from fednode.protocol.packaging import adapter_metadata, pack_adapter  # noqa: E402
 from fednode.protocol.rules import FederationRules  # noqa: E402
 from fednode.protocol.secagg import keys as sk  # noqa: E402
-from fednode.protocol.secagg.masking import SecureSettings, apply_mask, pair_sign, quantize, to_state  # noqa: E402
-from fednode.protocol.secagg.shares import SELF, SurvivorsDocument, deal, reveal  # noqa: E402
+from fednode.protocol.secagg.masking import SecureSettings, quantize, to_state  # noqa: E402
+from fednode.protocol.secagg.shares import SurvivorsDocument, mask, reveal  # noqa: E402
 from fednode.protocol.secagg.unmask import SecureRound  # noqa: E402
 from fednode.storage import EmbeddedStore  # noqa: E402
 from research.secure_aggregation import dropout_round, fedavg_error, plain_updates  # noqa: E402
@@ -65,18 +65,8 @@ def crypto(shapes: dict[str, torch.Tensor], n: int, settings: SecureSettings) ->
     for i, a in enumerate(accounts):
         state = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in shapes.items()}
 
-        def mask():
-            own = sk.agreement_key(a, FED)
-            values = quantize(state, start, settings, 256)
-            seeds = {SELF: sk.self_seed(a, FED, 1)}
-            values = apply_mask(values, seeds[SELF], 1)
-            for peer, key in keys.items():
-                if peer != a.address:
-                    seeds[peer.lower()] = sk.pair_seed(own, a.address, peer, key, FED, 1)
-                    values = apply_mask(values, seeds[peer.lower()], pair_sign(a.address, peer))
-            return values, deal(own, a.address, FED, 1, keys, settings.shares_needed(n), seeds)
-
-        (masked[a.address], docs[a.address]), took = timed(mask)
+        (masked[a.address], docs[a.address]), took = timed(
+            lambda: mask(a, FED, 1, keys, quantize(state, start, settings, 256), settings.shares_needed(n)))
         if i == 0:
             seconds["mask"] = took
     meta = adapter_metadata(FED, 1, accounts[0].address, "b" * 64, {}, "update")

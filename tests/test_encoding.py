@@ -123,7 +123,7 @@ def test_forged_encodings_are_rejected(icd_base, trainer, tmp_path):
     start = fed.aggregator.start_adapter(rec)[0]
     state = {k: v + 0.01 for k, v in start.items()}
     good = UpdateEncoding(**encoding).encode(state, start)
-    declared = json.dumps(UpdateEncoding(**encoding).to_json(), sort_keys=True)
+    declared = UpdateEncoding(**encoding).declared()
 
     def submit(node, tensors, declared=declared):
         meta = adapter_metadata(fed.federation_id, rec.round_id, node.address, rules.base_model, rules.lora, "update",

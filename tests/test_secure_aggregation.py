@@ -23,8 +23,8 @@ from fednode.protocol.node import Node
 from fednode.protocol.publish import publish_bytes, publish_json
 from fednode.protocol.rules import FederationRules, RulesError
 from fednode.protocol.secagg import keys as sk
-from fednode.protocol.secagg.masking import SecureSettings, apply_mask, pair_sign, quantize
-from fednode.protocol.secagg.shares import (SELF, SurvivorsDocument, combine, deal, fetch_share_document, open_bundle,
+from fednode.protocol.secagg.masking import SecureSettings, quantize
+from fednode.protocol.secagg.shares import (SELF, SurvivorsDocument, combine, fetch_share_document, mask, open_bundle,
                                             reveal, split)
 from fednode.protocol.secagg.unmask import SecureRound, UnmaskError
 from fednode.protocol.verify import Reason
@@ -47,15 +47,7 @@ def masked_vectors(accounts, values, settings, round_id=1):
     keys = {a.address: sk.public_bytes(sk.agreement_key(a, FED)) for a in accounts}
     out, docs = {}, {}
     for a, v in zip(accounts, values):
-        own = sk.agreement_key(a, FED)
-        seeds = {SELF: sk.self_seed(a, FED, round_id)}
-        masked = apply_mask(v, seeds[SELF], 1)
-        for peer, key in keys.items():
-            if peer != a.address:
-                seeds[peer.lower()] = sk.pair_seed(own, a.address, peer, key, FED, round_id)
-                masked = apply_mask(masked, seeds[peer.lower()], pair_sign(a.address, peer))
-        out[a.address] = masked
-        docs[a.address] = deal(own, a.address, FED, round_id, keys, settings.shares_needed(len(keys)), seeds)
+        out[a.address], docs[a.address] = mask(a, FED, round_id, keys, v, settings.shares_needed(len(keys)))
     return keys, out, docs
 
 

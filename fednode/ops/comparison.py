@@ -3,10 +3,12 @@ data with the same step budget, on its own held-out split and on the other hospi
 worst hospital of each named. Computed where the hospitals' data is (the demo's process), not from the chain."""
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
+from ..learning.data import ClientData
 from ..learning.settings import TrainSettings
 from ..protocol.node import Node
 
@@ -59,19 +61,26 @@ class Comparison:
 
 def compare(nodes: Sequence[Node], initial: dict, final: dict, train: TrainSettings, rounds: int) -> Comparison:
     """Train each node's hospital alone from `initial` for `rounds` rounds of `train` (the seeds its federated
-    rounds used), and score it and the federated `final` adapter on every hospital's held-out split."""
+    rounds used), and score it and the federated `final` adapter on every hospital's held-out split (the federated
+    model once per split for nodes that share a trainer and adapter config: it is the same model)."""
+    federated_scores: dict[tuple, float] = {}
+
+    def federated(node: Node, split: ClientData) -> float:
+        key = (id(node.trainer), json.dumps(node.adapter_config, sort_keys=True), split.name)
+        if key not in federated_scores:
+            federated_scores[key] = node.trainer.evaluate(split.eval, node.start_state(final))["loss"]
+        return federated_scores[key]
+
     rows = []
     for node in nodes:
         state = node.start_state(initial)
         for r in range(1, rounds + 1):
             state, _ = node.trainer.train(node.client.train, replace(train, seed=train.seed + r), state,
                                           progress=False)
-        federated = node.start_state(final)
-        own = {name: node.trainer.evaluate(node.client.eval, s)["loss"]
-               for name, s in (("federated", federated), ("local", state))}
         others = [other.client for other in nodes if other is not node]
-        cross = {name: statistics.fmean(node.trainer.evaluate(c.eval, s)["loss"] for c in others) if others
-                 else float("nan") for name, s in (("federated", federated), ("local", state))}
-        rows.append(HospitalLift(node.client.name, own["federated"], own["local"], cross["federated"],
-                                 cross["local"]))
+        cross = (statistics.fmean(federated(node, c) for c in others),
+                 statistics.fmean(node.trainer.evaluate(c.eval, state)["loss"] for c in others)) if others \
+            else (float("nan"), float("nan"))
+        rows.append(HospitalLift(node.client.name, federated(node, node.client),
+                                 node.trainer.evaluate(node.client.eval, state)["loss"], *cross))
     return Comparison(rows, rounds * train.steps)

@@ -62,6 +62,7 @@ class Aggregator:
         self._rules_published = False
         self._cards: dict[bytes, ModelCard | str] = {}
         self._unmasking: dict[int, list[Verdict]] = {}  # masked rounds' verdicts as of their survivors' fixing
+        self._round_keys: dict[int, dict[str, bytes]] = {}  # masked rounds' participants and their keys
         self.relayer = Relayer(fed, store, log)  # signed updates handed over by nodes on the relay path
 
     def publish_global(self, round_id: int, state: dict, server_state: dict | None = None
@@ -153,9 +154,10 @@ class Aggregator:
             cards = read_cards(store, history.participants, self._cards)
             ctx = RoundContext(self.federation_id, rec.round_id, self.rules, start, history.participants, as_of,
                                cards)
-            if self.rules.secure is not None:
+            if self.rules.secure is not None:  # fixed when the round opened: kept for its unmasking
                 ctx.keys, ctx.unkeyed = participant_keys(history.participants, cards, self.federation_id,
                                                          rec.opened_block)
+                self._round_keys[rec.round_id] = ctx.keys
             ordered = sorted(rec.submissions, key=lambda s: s.index)
             verdicts = screen([verify_submission(s, store, ctx) for s in ordered], start, self.rules)
         for v in verdicts:
@@ -205,12 +207,10 @@ class Aggregator:
             if rec.unmask is None:
                 self.request_unmask(rec, verdicts)
                 raise AwaitingShares(f"round {rec.round_id}: waiting for the shares that remove the masks")
-            history = self.ledger.history
-            keys, _ = participant_keys(history.participants, read_cards(self.store, history.participants, self._cards),
-                                       self.federation_id, rec.opened_block)
             with self.stopwatch("storage"):
                 try:
-                    secure = load_secure_round(self.store, rec, self.rules, verdicts, list(keys))
+                    secure = load_secure_round(self.store, rec, self.rules, verdicts,
+                                               list(self._round_keys[rec.round_id]))
                 except UnmaskError as exc:
                     raise AggregatorError(f"round {rec.round_id}: {exc}") from None
         with self.stopwatch("storage"):

@@ -9,6 +9,7 @@ the bytes to the same float64 adapter (start + delta) that verification, the mer
 hand for that reason: a quantization library's rounding and block layout are not part of any specification."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -48,6 +49,10 @@ class UpdateEncoding:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def declared(self) -> str:
+        """The encoding as an encoded update's metadata declares it (METADATA_KEY): canonical JSON."""
+        return json.dumps(self.to_json(), sort_keys=True)
 
     def kept(self, numel: int) -> int:
         """How many entries of a tensor of `numel` travel."""

@@ -2,7 +2,6 @@
 packages, publishes and anchors its update. Patient text never leaves this object."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from .publish import fetch_adapter, fetch_rules, publish_bytes, publish_json
 from .relay import Handover, hand_over
 from .rules import FederationRules
 from .secagg import keys as secagg_keys
-from .secagg.masking import apply_mask, merge_weight, pair_sign, quantize, to_state
-from .secagg.shares import MAX_RAW_DOCUMENT, SELF, SurvivorsDocument, deal, fetch_share_document, reveal
+from .secagg.masking import merge_weight, quantize, to_state
+from .secagg.shares import MAX_RAW_DOCUMENT, SurvivorsDocument, fetch_share_document, mask, reveal
 
 
 class NodeError(RuntimeError):
@@ -187,7 +186,7 @@ class Node:
         encoding = rules.update_encoding
         extra = None
         if encoding is not None:  # the delta from the start adapter, encoded as the rules say
-            state, extra = encoding.encode(state, start), {ENCODING_KEY: json.dumps(encoding.to_json(), sort_keys=True)}
+            state, extra = encoding.encode(state, start), {ENCODING_KEY: encoding.declared()}
         meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,
                                 self.adapter_config, "update", extra)
         return LocalUpdate(rec.round_id, pack_adapter(state, meta), len(self.client.train), metrics)
@@ -211,20 +210,11 @@ class Node:
         """The update's bytes under secure aggregation: its quantized weighted delta plus the self mask and a pair
         mask with every other participant, modulo 2^64; the share document of those masks' seeds is published
         first and named in the metadata."""
-        keys, secure, account = self.round_keys(rec), rules.secure, self.fed.sender.account
+        keys, secure = self.round_keys(rec), rules.secure
         with self.stopwatch("masking"):
-            own = secagg_keys.agreement_key(account, self.federation_id)
             weight = merge_weight(rules.weighting, len(self.client.train))
-            values = quantize(state, start, secure, weight)
-            seeds = {SELF: secagg_keys.self_seed(account, self.federation_id, rec.round_id)}
-            values = apply_mask(values, seeds[SELF], 1)
-            for peer, key in keys.items():
-                if peer != self.address:
-                    seeds[peer.lower()] = secagg_keys.pair_seed(own, self.address, peer, key, self.federation_id,
-                                                                rec.round_id)
-                    values = apply_mask(values, seeds[peer.lower()], pair_sign(self.address, peer))
-            doc = deal(own, self.address, self.federation_id, rec.round_id, keys, secure.shares_needed(len(keys)),
-                       seeds)
+            values, doc = mask(self.fed.sender.account, self.federation_id, rec.round_id, keys,
+                               quantize(state, start, secure, weight), secure.shares_needed(len(keys)))
         with self.stopwatch("storage"):
             shares_cid, _ = publish_json(self.store, doc.model_dump())
         meta = adapter_metadata(self.federation_id, rec.round_id, self.address, self.rules.base_model,

@@ -148,7 +148,7 @@ def verify_bytes(sub: Submission, data: bytes, ctx: RoundContext) -> Verdict:
     encoding = ctx.rules.update_encoding
     if encoding is not None:  # an encoded delta: decoded to start + delta (float64), then checked like any update
         declared = meta.get(ENCODING_KEY)
-        if declared != json.dumps(encoding.to_json(), sort_keys=True):
+        if declared != encoding.declared():
             return reject(Reason.BAD_METADATA, f"{ENCODING_KEY} is {declared!r}, the rules say {encoding.to_json()}")
         try:
             state = encoding.decode(state, start)

@@ -17,16 +17,18 @@ import json
 import os
 from collections.abc import Mapping
 
+import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from eth_account.signers.local import LocalAccount
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from ...canonical import canonical_json
 from ...storage import Storage, StorageError, StorageUnreachable
 from ...storage.cid import CHUNK_SIZE, cid_of
-from .keys import SEED_BYTES, bundle_key
-from .masking import SecureAggregationError
+from .keys import SEED_BYTES, agreement_key, bundle_key, pair_seed, self_seed
+from .masking import SecureAggregationError, apply_mask, pair_sign
 
 MAX_SHARES_BYTES = 16 * 1024 * 1024
 MAX_RAW_DOCUMENT = CHUNK_SIZE  # survivors and reveal documents: one raw block, named on-chain by its sha256
@@ -201,3 +203,17 @@ def fetch_share_document(store: Storage, cid: str) -> ShareDocument:
         raise
     except (StorageError, ValueError) as exc:
         raise SecureAggregationError(f"share document {cid}: {str(exc)[:200]}") from None
+
+
+def mask(account: LocalAccount, federation_id: str, round_id: int, keys: Mapping[str, bytes], values: np.ndarray,
+         threshold: int) -> tuple[np.ndarray, ShareDocument]:
+    """A hospital's quantized `values` with its self mask and a pair mask with every other participant of `keys`
+    added (modulo 2^64), and the share document of those masks' seeds."""
+    own = agreement_key(account, federation_id)
+    seeds = {SELF: self_seed(account, federation_id, round_id)}
+    values = apply_mask(values, seeds[SELF], 1)
+    for peer, key in keys.items():
+        if peer != account.address:
+            seeds[peer.lower()] = pair_seed(own, account.address, peer, key, federation_id, round_id)
+            values = apply_mask(values, seeds[peer.lower()], pair_sign(account.address, peer))
+    return values, deal(own, account.address, federation_id, round_id, keys, threshold, seeds)
