@@ -19,10 +19,16 @@ def canonical_json(value) -> bytes:
 
 def le_bytes(tensor: torch.Tensor) -> bytes:
     """The tensor's elements as contiguous little-endian bytes."""
+    return bytes(le_view(tensor))
+
+
+def le_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's elements as contiguous little-endian bytes: a view of its own memory when it already is a
+    contiguous CPU tensor on a little-endian machine (no copy), else of a converted copy."""
     import torch  # here, not at the top: canonical JSON (rules, configs) must import without torch
 
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     raw = flat.view(torch.uint8)
     if sys.byteorder == "big" and flat.element_size() > 1:
-        raw = raw.view(-1, flat.element_size()).flip(1)
-    return raw.numpy().tobytes()
+        raw = raw.view(-1, flat.element_size()).flip(1).contiguous()
+    return memoryview(raw.numpy()).cast("B")

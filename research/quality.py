@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -127,6 +127,9 @@ class BenchConfig:
         unknown = [m for m in self.methods if m not in FEDERATED]
         if unknown:
             raise BenchmarkError(f"unknown federated method {unknown[0]!r}; known: {', '.join(FEDERATED)}")
+        full = [m for m in self.methods if FEDERATED[m].adapter == "full"]
+        if full:  # the baselines train LoRA on the completion loss: they would not compare
+            raise BenchmarkError(f"{full[0]!r} trains every weight: its benchmark is scripts/bench_full.py")
         self.scenarios()  # validates every setting
 
     @property
@@ -158,7 +161,8 @@ PRESETS: dict[str, BenchConfig] = {
         settings=tuple(f"{s}:{p}" for s in ("icd10", "drugs") for p in ("natural", "dirichlet:0.1", "dirichlet:1")),
         seeds=(0, 1, 2), rounds=3, train=TrainSettings(steps=20)),
     # every federated method on both sources' natural partitions
-    "methods": BenchConfig(settings=("icd10:natural", "drugs:natural"), seeds=(0, 1, 2), methods=tuple(FEDERATED),
+    "methods": BenchConfig(settings=("icd10:natural", "drugs:natural"), seeds=(0, 1, 2),
+                           methods=tuple(m for m, spec in FEDERATED.items() if spec.adapter != "full"),
                            rounds=3, train=TrainSettings(steps=20)),
     # record-level DP-SGD against plain FedAvg at the same large-batch schedule (DP-SGD needs big batches)
     "privacy": BenchConfig(settings=("icd10:natural",), seeds=(0, 1, 2),
@@ -172,7 +176,8 @@ PRESETS: dict[str, BenchConfig] = {
                              methods=("fedavg", "fp16", "bf16", "int8", "int8-top10", "secagg"), rounds=3,
                              train=TrainSettings(steps=20)),
     # sized for about 45 minutes on 2 CPU cores (~5 s per step of batch 8, ~15 s per scored split)
-    "smollm2": BenchConfig(model="smollm2", settings=("icd10:natural", "drugs:natural"), rounds=3,
+    # 3 seeds sized for about 100 minutes on one CPU thread (~2.5-4.3 s per step of batch 8, ~15 s per scored split)
+    "smollm2": BenchConfig(model="smollm2", settings=("icd10:natural", "drugs:natural"), seeds=(0, 1, 2), rounds=3,
                            eval_per_client=32, mc_items=12, train=TrainSettings(steps=4)),
 }
 
@@ -220,6 +225,7 @@ def train_federated(base, spec: Method, cfg: BenchConfig, clients: Sequence[Clie
         setup_started = time.perf_counter()
         trainer, trainers = method_trainers(base, spec, cfg.lora, cfg.prompt, len(clients))
         initial = trainer.initial_state(train.seed)
+        train = spec.train_settings(train)
         rules = spec.rules(base.digest, cfg.lora, cfg.prompt, train, rounds=cfg.rounds)
         fed = EmbeddedFederation.create(trainers, clients, rules, train, EmbeddedStore(Path(store_dir)), watch)
         nodes = fed.nodes
@@ -352,7 +358,9 @@ def run_scenario(cfg: BenchConfig, scenario: Scenario, cache_dir: Path, log: Log
 # ---------------------------------------------------------------- the grid
 
 
-def run_scenarios(cfg: BenchConfig, cache_dir: Path, log: Log = print) -> Iterator[dict]:
-    """Run every scenario of the grid in order, yielding each record as it completes."""
+def run_scenarios(cfg: BenchConfig, cache_dir: Path, log: Log = print,
+                  skip: Set[str] = frozenset()) -> Iterator[dict]:
+    """Run every scenario of the grid in order (but those named in `skip`), yielding each record as it completes."""
     for scenario in cfg.scenarios():
-        yield run_scenario(cfg, scenario, cache_dir, log)
+        if scenario.name not in skip:
+            yield run_scenario(cfg, scenario, cache_dir, log)

@@ -2,6 +2,7 @@
 method's differences to local-only and centralized training, and the markdown table the README quotes."""
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 
@@ -9,7 +10,7 @@ from .quality import BASELINES, FEDERATED, BenchConfig, method_kind
 
 
 SUMMARY_METRICS = ("mean_loss", "worst_loss", "loss_gap", "mean_acc", "worst_acc", "acc_gap")
-DIFF_METRICS = ("worst_loss", "mean_loss", "worst_acc", "mean_acc")
+DIFF_METRICS = ("worst_loss", "mean_loss", "cross_loss", "worst_acc", "mean_acc")
 AGGREGATION_ERRORS = ("fedavg", "exact")  # lora_math.aggregation_error's overall relative errors
 
 
@@ -40,6 +41,8 @@ def _federated_summary(final: Mapping[str, dict], method: str, trainings: Sequen
     platform, training, wall = (sum(r["seconds"].get(k, 0.0) for r in rounds) for k in ("platform", "training", "wall"))
     out = {f"minus_{b}": {k: _spread([f - v for f, v in zip(final[method][k], final[b][k])]) for k in DIFF_METRICS}
            for b in BASELINES}
+    out["mean_loss_vs_centralized"] = _spread([f / c - 1 for f, c in zip(final[method]["mean_loss"],
+                                                                         final["centralized"]["mean_loss"])])
     out["seconds"] = {"platform": platform, "training": training, "wall": wall,
                       "platform_fraction": platform / wall, "training_fraction": training / wall}
     if "privacy" in trainings[0]:
@@ -60,8 +63,12 @@ def _aggregation_cell(method: Mapping) -> str:
 
 
 def _spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    """Mean, sample sd and the half-width of the 95% Student-t interval of the mean (0 for one value)."""
+    from scipy.stats import t
+
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    ci95 = float(t.ppf(0.975, len(values) - 1)) * sd / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "ci95": ci95, "values": values}
 
 
 def markdown_table(summary: Mapping[str, dict]) -> str:
@@ -79,13 +86,20 @@ def markdown_table(summary: Mapping[str, dict]) -> str:
             lines.append(f"| {setting} | {method} | {cell(f['mean_loss'], 4)} | {cell(f['worst_loss'], 4)} | "
                          f"{cell(f['loss_gap'], 4)} | {cell(f['cross_loss'], 4)} | {cell(f['mean_acc'], 3)} | "
                          f"{cell(f['worst_acc'], 3)} | {epsilon} | {_aggregation_cell(m)} | {len(s['seeds'])} |")
-    lines += ["", ("| setting | method | worst loss: - local | worst loss: - centralized | mean loss: - local | "
-                   "worst acc: - local | platform share of round time |"), "|---|---|---|---|---|---|---|"]
+    def interval(v: dict, digits: int) -> str:
+        return f"{v['mean']:.{digits}f}" + (f" ± {v['ci95']:.{digits}f}" if len(v["values"]) > 1 else "")
+
+    lines += ["", ("Differences, paired by seed (± the 95% t-interval's half-width where there are several seeds):"),
+              "", ("| setting | method | worst loss: - local | worst loss: - centralized | mean loss: - local | "
+                   "mean loss: / centralized - 1 | cross loss: - local | worst acc: - local | "
+                   "platform share of round time |"), "|---|---|---|---|---|---|---|---|---|"]
     for setting, s in summary.items():
         for method, m in s["methods"].items():
             if m["kind"] == "federated":
-                fl, fc = m["minus_local"], m["minus_centralized"]
-                lines.append(f"| {setting} | {method} | {cell(fl['worst_loss'], 4)} | {cell(fc['worst_loss'], 4)} | "
-                             f"{cell(fl['mean_loss'], 4)} | {cell(fl['worst_acc'], 3)} | "
+                fl, fc, rel = m["minus_local"], m["minus_centralized"], m["mean_loss_vs_centralized"]
+                lines.append(f"| {setting} | {method} | {interval(fl['worst_loss'], 4)} | "
+                             f"{interval(fc['worst_loss'], 4)} | {interval(fl['mean_loss'], 4)} | "
+                             f"{rel['mean']:+.2%}" + (f" ± {rel['ci95']:.2%}" if len(rel["values"]) > 1 else "")
+                             + f" | {interval(fl['cross_loss'], 4)} | {interval(fl['worst_acc'], 3)} | "
                              f"{m['seconds']['platform_fraction']:.1%} |")
     return "\n".join(lines) + "\n"

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-per-client", type=int)
     p.add_argument("--eval-per-client", type=int)
     p.add_argument("--mc-items", type=int, help="multiple-choice questions per hospital")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished scenarios of DIR/quality.json when it was run with the same config")
     return parse_with_machine_args(p, argv)
 
 
@@ -202,6 +204,20 @@ def write_outputs(out: Path, report: dict) -> None:
     plot(report, out / "quality.png")
 
 
+def resumed(path: Path, fresh: dict) -> dict:
+    """The earlier report at `path` when it ran the same config (its finished scenarios are kept), else `fresh`."""
+    if not path.exists():
+        return fresh
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cannot resume: {path} is not JSON ({exc})") from None
+    if earlier.get("config") != fresh["config"]:
+        raise ValueError(f"cannot resume: {path} was run with another config; pass another --out or drop --resume")
+    log(f"resuming {path}: {len(earlier['scenarios'])} scenarios done")
+    return {**earlier, "complete": False}
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -224,11 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report = {"config": {"preset": args.config, **cfg.to_json()}, "machine": machine_info(args.threads),
-              "complete": False, "scenarios": []}
-    for record in run_scenarios(cfg, args.cache_dir, log):
+              "complete": False, "scenarios": [], "seconds": 0.0}
+    if args.resume:
+        try:
+            report = resumed(out / "quality.json", report)
+        except ValueError as exc:
+            print(f"bench_quality: {exc}", file=sys.stderr)
+            return 2
+    done, earlier = {s["name"] for s in report["scenarios"]}, report["seconds"]
+    for record in run_scenarios(cfg, args.cache_dir, log, skip=done):
         report["scenarios"].append(record)
         report["summary"] = summarize(cfg, report["scenarios"])
-        report["seconds"] = time.perf_counter() - started
+        report["seconds"] = earlier + time.perf_counter() - started
         write_outputs(out, report)
         log(f"[{len(report['scenarios'])}/{len(cfg.scenarios())} scenarios, {report['seconds']:.0f} s]")
     report["complete"] = True

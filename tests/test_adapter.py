@@ -149,3 +149,43 @@ def test_non_string_metadata_in_a_file_is_refused_by_the_parser():
     with pytest.raises(AdapterError) as info:
         unpack_adapter(len(header).to_bytes(8, "little") + header.encode() + bytes(4), LIMIT)
     assert info.value.reason == "not_safetensors"
+
+
+def _file(entries: dict, data: bytes) -> bytes:
+    header = json.dumps({"__metadata__": META, **entries})
+    header += " " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header.encode() + data
+
+
+@pytest.mark.parametrize("entries, size", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12),           # overlapping tensors
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, 16),          # a gap
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8),             # offsets not the shape's
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12),            # trailing bytes
+    ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, 8),              # unknown dtype
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8),            # negative dimension
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, 8),             # shape not a list
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "extra": 1}}, 8), # unknown field
+    ({}, 0),                                                                        # no tensor
+])
+def test_inconsistent_tensor_tables_are_not_safetensors(entries, size):
+    """The reader checks what safetensors' own parser checks before it copies a byte out."""
+    with pytest.raises(AdapterError) as info:
+        unpack_adapter(_file(entries, bytes(size)), LIMIT)
+    assert info.value.reason == "not_safetensors"
+
+
+def test_reader_agrees_with_safetensors_on_files_it_did_not_write():
+    """A file written by safetensors itself (mixed dtypes, its own data order) reads back the same tensors, each
+    writable and owning its memory (not a view of the file's bytes)."""
+    state = {"z.w": torch.randn(3, 5), "a.idx": torch.arange(7, dtype=torch.int32),
+             "m.q": torch.randint(-128, 127, (9,), dtype=torch.int8), "b.h": torch.randn(4).to(torch.bfloat16)}
+    data = safetensors_save(state, metadata=META)
+    read, meta = unpack_adapter(data, LIMIT)
+    assert meta == META and list(read) == sorted(state)
+    for name, tensor in state.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor)
+        read[name].zero_()  # writable, and not the file's memory
+    assert torch.equal(unpack_adapter(data, LIMIT)[0]["z.w"], state["z.w"])

@@ -45,9 +45,10 @@ class Run:
     def __init__(self, name: str, base, clients, store, w3=None, private_dir=None):
         self.method = method(name)
         self.global_trainer, trainers = method_trainers(base, self.method, LORA, PROMPT, len(clients))
-        self.rules = self.method.rules(base.digest, LORA, PROMPT, TRAIN, rounds=ROUNDS, max_adapter_bytes=1 << 20)
+        train = self.method.train_settings(TRAIN)
+        self.rules = self.method.rules(base.digest, LORA, PROMPT, train, rounds=ROUNDS, max_adapter_bytes=1 << 20)
         self.store = store
-        self.fed = EmbeddedFederation.create(trainers, clients, self.rules, TRAIN, store, w3=w3)
+        self.fed = EmbeddedFederation.create(trainers, clients, self.rules, train, store, w3=w3)
         if private_dir is not None:
             for node in self.fed.nodes:
                 node.private = PrivateAdapters(private_dir, self.fed.federation_id, node.address)
@@ -86,6 +87,9 @@ def check_method(run: Run) -> None:
     if m.adapter == "prompt":
         assert set(last.state) == {"prompt_embeddings"}
         assert last.state["prompt_embeddings"].shape == (PROMPT.num_virtual_tokens, 64)
+    elif m.adapter == "full":  # every weight of the base travels, and every one was trained
+        base = dict(run.global_trainer.base.model.named_parameters())
+        assert set(last.state) == set(base) and all(not torch.equal(last.state[k], run.initial[k]) for k in base)
     else:
         assert set(last.state) == set(run.initial) and all("local" not in k for s in states for k in s)
     if m.client.get("freeze_a"):  # FFA: A never moves; FedAvg of B is then the exact mean of the products

@@ -22,7 +22,7 @@ from fednode.learning.models import (
 )
 from fednode.learning.settings import LoraSettings, SettingsError, TrainSettings
 from fednode.learning.training import TrainingError
-from fednode.ops.export import export_peft
+from fednode.ops.export import export_global
 
 # known sentence shapes, unseen condition/drug combinations
 HELD_OUT = [TEMPLATES[i % 3].format(cond=c, drug=PAIRS[(i + 5) % len(PAIRS)][1]) for i, (c, _) in enumerate(PAIRS)]
@@ -227,9 +227,9 @@ def test_training_rejects_empty_data(trainer):
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # raised inside peft
-def test_export_peft_loads_with_peft_and_matches_trainer_logits(trainer, tiny_base, tmp_path):
+def test_export_global_loads_with_peft_and_matches_trainer_logits(trainer, tiny_base, tmp_path):
     state, _ = trainer.train(QA, TrainSettings(steps=5), trainer.initial_state(0), progress=False)
-    export_peft(state, tiny_base, LORA, tmp_path / "adapter")
+    export_global(state, tiny_base, LORA, tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
     loaded = PeftModel.from_pretrained(copy.deepcopy(tiny_base.model), tmp_path / "adapter").eval()
     ids = tiny_base.tokenizer([QA[0].prompt + QA[0].completion], return_tensors="pt")["input_ids"]

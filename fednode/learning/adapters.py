@@ -1,5 +1,6 @@
 """The adapter types a hospital trains (PEFT style: one trainer per adapter method): LoRA (with FFA-LoRA's frozen A
-and personalized LoRA's private adapter) and prompt tuning; `make_trainer` picks one by name."""
+and personalized LoRA's private adapter), prompt tuning and full-parameter training; `make_trainer` picks one by
+name."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ from peft import PeftModel
 
 from .dp_sgd import PrivateRun
 from .models import BaseModel
-from .settings import ADAPTERS, ClientObjective, LoraSettings, PromptSettings, TrainSettings
+from .settings import ADAPTERS, ClientObjective, FullSettings, LoraSettings, PromptSettings, TrainSettings
 from .training import (ADAPTER, PLAIN, AdapterTrainer, PromptCompletion, State, TrainingError, example_losses,
                        export_params, load_params, quiet_init)
 
@@ -170,12 +171,41 @@ class PromptTrainer(AdapterTrainer):
         yield compute
 
 
-TRAINERS: dict[str, type[AdapterTrainer]] = {cls.adapter_type: cls for cls in (LoraTrainer, PromptTrainer)}
+class FullTrainer(AdapterTrainer):
+    """Full-parameter training: the "adapter" is every weight of the base model (tied weights once, under the
+    name torch's named_parameters gives them), so an update is a whole model. The initial state is the base's own
+    weights. FedProx applies; freeze_a, local_rank and DP-SGD (no per-example gradients for every layer type) do
+    not."""
+
+    adapter_type = "full"
+
+    def __init__(self, base: BaseModel, settings: FullSettings, objective: ClientObjective = PLAIN) -> None:
+        if objective.freeze_a or objective.personalized:
+            raise TrainingError("full-parameter training has no LoRA A matrices or private adapter: "
+                                "freeze_a and local_rank apply to LoRA only")
+        super().__init__(base, settings, objective, "full-parameter training")
+        self._params = dict(sorted(self.model.named_parameters()))
+
+    def initial_state(self, seed: int) -> State:
+        """The base model's weights (`seed` is unused: nothing is drawn)."""
+        return export_params(dict(sorted(self.base.model.named_parameters())))
+
+    def evaluate_base(self, examples: Sequence[PromptCompletion], batch_size: int = 16, max_length: int = 64) -> dict:
+        """Same as `evaluate` with the base model's own weights."""
+        return self._evaluate(examples, batch_size, max_length,
+                              lambda ids, mask: self.base.model(input_ids=ids, attention_mask=mask).logits)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+TRAINERS: dict[str, type[AdapterTrainer]] = {cls.adapter_type: cls for cls in (LoraTrainer, PromptTrainer,
+                                                                                 FullTrainer)}
 
 
 def make_trainer(base: BaseModel, adapter_type: str, adapter_config: Mapping,
                  objective: ClientObjective = PLAIN) -> AdapterTrainer:
-    """The trainer of adapter type "lora" or "prompt" with settings from `adapter_config` (their to_json)."""
+    """The trainer of adapter type "lora", "prompt" or "full" with settings from `adapter_config` (their to_json)."""
     if adapter_type not in TRAINERS:
         raise TrainingError(f"unknown adapter type {adapter_type!r} (expected one of {', '.join(TRAINERS)})")
     try:

@@ -96,13 +96,32 @@ class PromptSettings:
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.num_virtual_tokens)
 
 
-ADAPTERS = {"lora": LoraSettings, "prompt": PromptSettings}  # adapter type -> its settings
+@dataclass(frozen=True)
+class FullSettings:
+    """Full-parameter rounds: every weight of the base model trains and travels (for small bases). There is
+    nothing to set, so the config is always {}."""
+
+    def to_json(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> FullSettings:
+        if not isinstance(data, Mapping) or dict(data):
+            raise SettingsError(f"full-parameter training takes no adapter settings, got {data!r:.80}")
+        return cls()
+
+
+ADAPTERS = {"lora": LoraSettings, "prompt": PromptSettings, "full": FullSettings}  # adapter type -> its settings
+LOSSES = ("completion", "pretrain")  # ClientObjective.loss
 
 
 @dataclass(frozen=True)
 class ClientObjective:
-    """What each hospital's local training adds to the plain completion loss; part of the federation's rules.
+    """What each hospital's local training minimizes; part of the federation's rules.
 
+    loss: "completion" (instruction tuning: cross-entropy on the completion tokens after the prompt) or "pretrain"
+        (continued pre-training: causal-LM cross-entropy on every token of the example's text, prompt included);
+        evaluation scores the same tokens.
     proximal_mu: FedProx, + mu/2 * ||w - w_global||^2 over the shared adapter's weights.
     freeze_a: FFA-LoRA, the LoRA A matrices stay exactly at the global adapter's; only B trains (so averaging
         B is averaging the products B @ A exactly).
@@ -110,12 +129,15 @@ class ClientObjective:
         beside the shared one, + lambda * sum over modules ||A_global @ A_local^T||_F^2; only the shared adapter
         is published, evaluation uses both."""
 
+    loss: str = "completion"
     proximal_mu: float = 0.0
     freeze_a: bool = False
     local_rank: int = 0
     orthogonal_lambda: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise SettingsError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         for name in ("proximal_mu", "orthogonal_lambda"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \

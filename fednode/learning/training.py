@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .dp_sgd import PrivateRun
 from .models import BaseModel
-from .settings import ClientObjective, LoraSettings, PromptSettings, TrainSettings
+from .settings import ClientObjective, FullSettings, LoraSettings, PromptSettings, TrainSettings
 
 ADAPTER = "default"  # peft's name of the shared (published) adapter
 PLAIN = ClientObjective()  # the plain completion loss
@@ -47,14 +47,14 @@ class AdapterTrainer(abc.ABC):
 
     adapter_type: str
 
-    def __init__(self, base: BaseModel, settings: LoraSettings | PromptSettings, objective: ClientObjective,
-                 label: str) -> None:
+    def __init__(self, base: BaseModel, settings: LoraSettings | PromptSettings | FullSettings,
+                 objective: ClientObjective, label: str) -> None:
         self.base = base
         self.settings = settings
         self.objective = objective
         with quiet_init():
             try:
-                self.model: PeftModel = get_peft_model(copy.deepcopy(base.model), settings.peft_config())
+                self.model: PeftModel = self._wrap(copy.deepcopy(base.model))
             except ValueError as exc:
                 raise TrainingError(f"cannot attach {label} to {base.name}: {exc}") from None
         self.model.eval()
@@ -69,6 +69,11 @@ class AdapterTrainer(abc.ABC):
     def adapter_config(self) -> dict:
         """The adapter's settings as JSON (the adapter part of a node's model identity)."""
         return self.settings.to_json()
+
+    @property
+    def num_params(self) -> int:
+        """Elements of the shared adapter's state (every weight of the model for full-parameter training)."""
+        return sum(p.numel() for p in self._params.values())
 
     # --- adapter state -------------------------------------------------------------------------
 
@@ -137,7 +142,8 @@ class AdapterTrainer(abc.ABC):
         clipped per-example gradients; the objective's terms depend on the weights alone and are added after."""
         encoded = self._encode_all(examples, settings.max_length)
         self.load_adapter_state(start_state)
-        anchor = [p.detach().clone() for p in self._params.values()]
+        # the start weights, for FedProx's term only (a full-parameter model would be copied for nothing)
+        anchor = [p.detach().clone() for p in self._params.values()] if self.objective.proximal_mu else []
         params = self._trainable()
         trainable = {id(p) for p in params}
         for p in self.model.parameters():
@@ -218,6 +224,10 @@ class AdapterTrainer(abc.ABC):
 
     # --- hooks ---------------------------------------------------------------------------------
 
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The trainer's model around its private copy of the base: peft's, with the adapter attached."""
+        return get_peft_model(model, self.settings.peft_config())
+
     def _model_logits(self, input_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention).logits
 
@@ -249,7 +259,8 @@ class AdapterTrainer(abc.ABC):
     # --- encoding ------------------------------------------------------------------------------
 
     def _encode_all(self, examples: Sequence[PromptCompletion], max_length: int) -> list[tuple[list[int], int]]:
-        """Each example as (token ids, number of leading prompt tokens); the completion ends in eos."""
+        """Each example as (token ids, number of leading unscored tokens); the completion ends in eos. The
+        completion loss leaves bos and the prompt unscored, the pretrain loss only bos (which nothing predicts)."""
         if not examples:
             raise TrainingError("no examples given")
         tok = self.base.tokenizer
@@ -260,7 +271,7 @@ class AdapterTrainer(abc.ABC):
             completion = (completion + [self._eos])[: max_length - len(self._bos)]
             room = max_length - len(self._bos) - len(completion)
             prompt = self._bos + prompt[max(0, len(prompt) - room):]
-            encoded.append((prompt + completion, len(prompt)))
+            encoded.append((prompt + completion, len(prompt) if self.objective.loss == "completion" else 0))
         return encoded
 
     def _collate(self, encoded: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, ...]:

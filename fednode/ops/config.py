@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..learning.data import DataConfig
-from ..learning.settings import ClientObjective, LoraSettings, PromptSettings, SettingsError, TrainSettings
+from ..learning.settings import (ADAPTERS, ClientObjective, FullSettings, LoraSettings, PromptSettings, SettingsError,
+                                TrainSettings)
 
 
 class ConfigError(ValueError):
@@ -111,10 +112,12 @@ class FederationSection:
                                           #   screening, which reads single updates, is then off too)
     merge_order: str = "sha256"           # "sha256": the same updates give the same global whatever their arrival
                                           #   order; "submission": on-chain order
-    adapter: str = "lora"                 # "lora" ([lora] settings) or "prompt" ([prompt] settings)
+    adapter: str = "lora"                 # "lora" ([lora] settings), "prompt" ([prompt] settings) or "full" (every
+                                          #   weight of the base trains and travels: raise max_adapter_bytes)
     client: dict = field(default_factory=dict)   # what local training adds, e.g. {proximal_mu = 0.01} (FedProx),
                                                  #   {freeze_a = true} (FFA-LoRA), {local_rank = 4,
-                                                 #   orthogonal_lambda = 0.1} (personalized); {} = plain
+                                                 #   orthogonal_lambda = 0.1} (personalized), {loss = "pretrain"}
+                                                 #   (every token of the text, not just the completion); {} = plain
     global_rank: int = 0                  # the global LoRA rank when this node's [lora] r is lower (lora_exact
                                           #   merges ranks up to it); 0 = [lora] r
     max_update_norm: float = 50.0         # updates with a larger L2 norm (from the round's start) are rejected
@@ -152,7 +155,7 @@ class Config:
     @property
     def adapter_config(self) -> dict:
         """This participant's own adapter config."""
-        return (self.lora if self.federation.adapter == "lora" else self.prompt).to_json()
+        return {"lora": self.lora, "prompt": self.prompt, "full": FullSettings()}[self.federation.adapter].to_json()
 
     @property
     def global_adapter_config(self) -> dict:
@@ -224,8 +227,8 @@ def load_config(path: Path | str) -> Config:
     except ValueError as exc:
         raise ConfigError(f"{path}: [data] {exc}") from None
     f = config.federation
-    if f.adapter not in ("lora", "prompt"):
-        raise ConfigError(f"{path}: [federation] adapter must be \"lora\" or \"prompt\", got {f.adapter!r}")
+    if f.adapter not in ADAPTERS:
+        raise ConfigError(f"{path}: [federation] adapter must be one of {', '.join(ADAPTERS)}, got {f.adapter!r}")
     try:
         ClientObjective.from_json(f.client)
     except SettingsError as exc:

@@ -18,7 +18,7 @@ from ..storage import EmbeddedStore
 from ..timing import Stopwatch
 from .comparison import compare
 from .embedded import EmbeddedFederation, method_trainers
-from .export import export_peft
+from .export import export_global
 
 
 @dataclass
@@ -82,8 +82,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"method {chosen.name}: {chosen.description}")
 
     store = EmbeddedStore(cfg.out / "store")
-    rules = chosen.rules(base.digest, cfg.lora, cfg.prompt, cfg.train, rounds=cfg.rounds)
-    fed = EmbeddedFederation.create(trainers, clients, rules, cfg.train, store, watch, submit=cfg.submit)
+    train = chosen.train_settings(cfg.train)
+    rules = chosen.rules(base.digest, cfg.lora, cfg.prompt, train, rounds=cfg.rounds)
+    fed = EmbeddedFederation.create(trainers, clients, rules, train, store, watch, submit=cfg.submit)
     deployment, nodes = fed.deployment, fed.nodes
     log(f"Federation contract {deployment.address('Federation')} on the embedded chain (id {deployment.chain_id})")
     deployment.save(cfg.out / "deployment.json")
@@ -97,7 +98,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         run = fed.run_round(min_updates=len(nodes), round_seconds=cfg.round_seconds)
         rec, result = run.record, run.result
         evals = {n.client.name: n.evaluate(result.cid_digest, result.state) for n in nodes}
-        export_peft(result.state, base, rules.adapter_settings, cfg.out / "adapters" / f"round-{r}")
+        export_global(result.state, base, rules.adapter_settings, cfg.out / "adapters" / f"round-{r}")
         rows = []
         by_node = {v.submission.node: v for v in result.verdicts}
         for node, u in zip(nodes, run.updates, strict=True):
@@ -122,11 +123,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         _print_round(log, r, rows, rounds[-1])
 
     with watch("local baseline"):
-        comparison = compare(nodes, initial, result.state, cfg.train, cfg.rounds)
+        comparison = compare(nodes, initial, result.state, train, cfg.rounds)
     report = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                       if k not in ("lora", "prompt", "train")},
-                   "lora": cfg.lora.to_json(), "prompt": cfg.prompt.to_json(), "train": asdict(cfg.train)},
+                   "lora": cfg.lora.to_json(), "prompt": cfg.prompt.to_json(), "train": asdict(train)},
         "base_model": {"name": base.name, "digest": base.digest},
         "clients": [{"name": c.name, "train": len(c.train), "eval": len(c.eval), "labels": c.label_counts()}
                     for c in clients],
@@ -144,7 +145,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         f"{first['worst_loss']:.4f} -> {last['worst_loss']:.4f} ({last['worst_client']}) after {cfg.rounds} rounds")
     log("\n" + comparison.table())
     log(f"time: {report['seconds']}")
-    log(f"report: {cfg.out / 'report.json'}; PEFT adapters: {cfg.out / 'adapters'}")
+    exported = "full models" if chosen.adapter == "full" else "PEFT adapters"
+    log(f"report: {cfg.out / 'report.json'}; {exported}: {cfg.out / 'adapters'}")
     audit = run_audit(fed.w3, deployment, store, verify=True)
     audit.comparison = comparison.to_json()
     save_report(audit, cfg.out / "audit.json", cfg.out / "audit.html")

@@ -1,7 +1,9 @@
 """A global adapter out as a Hugging Face folder: `adapter_config.json`, `adapter_model.safetensors`, the tokenizer,
 a model card and a base-model folder it resolves offline, so `AutoPeftModelForCausalLM.from_pretrained(DIR)` loads
-it with no network. `export_round` takes a finalized round's global adapter from chain and storage, checked against
-the on-chain digests, and names its provenance (federation, contract, CIDs, participants, audit) in the card."""
+it with no network; a full-parameter federation's global model as a whole `save_pretrained` model folder, which
+`AutoModelForCausalLM.from_pretrained(DIR)` loads. `export_round` takes a finalized round's global adapter from
+chain and storage, checked against the on-chain digests, and names its provenance (federation, contract, CIDs,
+participants, audit) in the card."""
 from __future__ import annotations
 
 import json
@@ -13,7 +15,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from ..learning.models import BaseModel
-from ..learning.settings import LoraSettings, PromptSettings
+from ..learning.settings import FullSettings, LoraSettings, PromptSettings
 from ..protocol.packaging import pack_adapter
 
 BASE_RECORD = "fedchain-base.json"   # in a base folder: the base model's identity, so a later export reuses it
@@ -45,12 +47,17 @@ def write_base(base: BaseModel, base_dir: Path) -> Path:
     return base_dir
 
 
-def export_peft(state: Mapping[str, torch.Tensor], base: BaseModel, adapter: LoraSettings | PromptSettings,
-                out_dir: Path, base_dir: Path | None = None, card: str | None = None) -> Path:
-    """Write a folder `AutoPeftModelForCausalLM.from_pretrained` loads offline: the adapter, the tokenizer, a model
-    card and the base model in `base_dir` (default `out_dir/base`), named by absolute path in adapter_config.json."""
+def export_global(state: Mapping[str, torch.Tensor], base: BaseModel,
+                  adapter: LoraSettings | PromptSettings | FullSettings, out_dir: Path, base_dir: Path | None = None,
+                  card: str | None = None) -> Path:
+    """Write a folder that loads offline: for an adapter, `AutoPeftModelForCausalLM.from_pretrained` loads the
+    adapter, the tokenizer, a model card and the base model in `base_dir` (default `out_dir/base`), named by
+    absolute path in adapter_config.json; for full-parameter weights, `AutoModelForCausalLM.from_pretrained` loads
+    the whole model (no base folder)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(adapter, FullSettings):
+        return _export_full(state, base, out_dir, card)
     base_path = write_base(base, base_dir or out_dir / "base")
     config = adapter.peft_config()
     config.base_model_name_or_path = str(base_path)
@@ -62,8 +69,33 @@ def export_peft(state: Mapping[str, torch.Tensor], base: BaseModel, adapter: Lor
     return out_dir
 
 
-def model_card(base: BaseModel, base_path: Path, sections: list[str]) -> str:
-    """A Hugging Face model card (YAML front matter + markdown) with the base model and `sections`."""
+def _export_full(state: Mapping[str, torch.Tensor], base: BaseModel, out_dir: Path, card: str | None) -> Path:
+    """The base model's architecture with `state`'s weights, tokenizer and card, as one `save_pretrained` folder."""
+    import copy
+
+    from ..learning.training import load_params
+
+    model = copy.deepcopy(base.model)
+    load_params(dict(model.named_parameters()), state, "global model")
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    base.tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(card or model_card(base, None, []))
+    return out_dir
+
+
+def model_card(base: BaseModel, base_path: Path | None, sections: list[str]) -> str:
+    """A Hugging Face model card (YAML front matter + markdown) with the base model and `sections`; `base_path`
+    None: a full-parameter model, which loads without its base."""
+    if base_path is None:
+        return "\n".join([
+            "---", "library_name: transformers", "tags: [fedchain, federated-learning, full-parameter]", "---", "",
+            "# fedchain global model", "", f"Full-parameter federated training of {base.name} (identity, sha256 of "
+            f"its weights, `{base.digest}`): {BASE_SOURCES.get(base.name, base.name)}.", "", *sections, "", "## Use",
+            "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            "model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\")",
+            "tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")", "```", "",
+            "or `fedchain generate --adapter THIS_FOLDER \"prompt\"`.", ""])
     lines = ["---", "library_name: peft", f"base_model: {base_path}", "tags: [fedchain, federated-learning, lora]",
              "---", "", "# fedchain global adapter", "",
              f"Base model: {base.name}, identity (sha256 of its weights) `{base.digest}`: "
@@ -117,7 +149,8 @@ def export_round(p, round_id: int | None, out_dir: Path, audit: bool = True) -> 
     summary = report.summary() if report else "audit: not run (--no-audit)"
     names = {a.address: a.hospital for a in report.participants} if report else {}
     dep = p.deployment
-    base_path = (Path(out_dir) / "base").resolve()
+    full = isinstance(rules.adapter_settings, FullSettings)
+    base_path = None if full else (Path(out_dir) / "base").resolve()
     sections = [
         "## Provenance", "",
         f"- federation `{dep.federation_id}`: contract `{dep.address('Federation')}` on chain id {dep.chain_id}",
@@ -127,13 +160,13 @@ def export_round(p, round_id: int | None, out_dir: Path, audit: bool = True) -> 
         f"- rules: aggregation {rules.aggregation}, adapter {rules.adapter} {json.dumps(rules.lora)}, rules digest "
         f"`{rec.rules_digest.hex()}`",
         f"- `fedchain audit --verify` of the whole history: {summary.removeprefix('audit: ')}",
-        f"- base model folder: `{base_path}` (absolute; if this folder moves, set `base_model_name_or_path` in "
-        "adapter_config.json to its new `base/`)", "", "## Participants of this round", "",
+        *([] if full else [f"- base model folder: `{base_path}` (absolute; if this folder moves, set "
+                           "`base_model_name_or_path` in adapter_config.json to its new `base/`)"]),
+        "", "## Participants of this round", "",
         "| hospital | address | samples | update CID | verdict |", "|---|---|---:|---|---|",
         *(f"| {names.get(s.node) or '?'} | `{s.node}` | {s.num_samples} | "
           f"`{named_cid(s.cid_digest, s.file_sha256)}` | {Reason(v).name} |"
           for s, v in zip(rec.submissions, rec.finalized.verdicts, strict=True)),
     ]
-    export_peft(state, p.base, rules.adapter_settings, out_dir, base_path,
-                model_card(p.base, base_path, sections))
+    export_global(state, p.base, rules.adapter_settings, out_dir, base_path, model_card(p.base, base_path, sections))
     return Exported(out_dir, round_id, cid, summary)

@@ -98,7 +98,13 @@ class Participant:
         """This participant's trainer: its own adapter config, the federation's client objective."""
         from ..learning.adapters import make_trainer
 
-        return make_trainer(self.base, self.rules.adapter, self.config.adapter_config, self.rules.objective)
+        trainer = make_trainer(self.base, self.rules.adapter, self.config.adapter_config, self.rules.objective)
+        f = self.config.federation
+        if not f.encoding and 4 * trainer.num_params > f.max_adapter_bytes:  # float32 updates would be refused
+            raise ConfigError(f"{self.config.path}: [federation] max_adapter_bytes = {f.max_adapter_bytes} is below "
+                              f"the {4 * trainer.num_params} bytes of a float32 {f.adapter} update of "
+                              f"{self.base.name}: raise it")
+        return trainer
 
     @cached_property
     def global_trainer(self):

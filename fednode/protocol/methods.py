@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..learning.settings import LoraSettings, PromptSettings, TrainSettings
+from ..learning.settings import FullSettings, LoraSettings, PromptSettings, TrainSettings
 from .rules import FederationRules
 
 
@@ -26,9 +26,14 @@ class Method:
     server_clip: float = 0.0            # the rules' server-side clipping (multiple of the round's median norm)
     encoding: dict = field(default_factory=dict)            # the rules' update encoding ({} = float32)
     secure_aggregation: dict = field(default_factory=dict)  # the rules' secure aggregation ({} = off)
+    lr: float = 0.0                     # the learning rate hospitals train with; 0 = the run's own TrainSettings.lr
 
     def global_config(self, lora: LoraSettings, prompt: PromptSettings) -> dict:
-        return (lora if self.adapter == "lora" else prompt).to_json()
+        return {"lora": lora, "prompt": prompt, "full": FullSettings()}[self.adapter].to_json()
+
+    def train_settings(self, train: TrainSettings) -> TrainSettings:
+        """`train` with the method's own learning rate, if it sets one."""
+        return replace(train, lr=self.lr) if self.lr else train
 
     def client_config(self, index: int, lora: LoraSettings, prompt: PromptSettings) -> dict:
         """Hospital `index`'s own adapter config."""
@@ -89,6 +94,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("personalized", "shared LoRA + private rank-4 LoRA per hospital, orthogonality lambda 1",
            client={"local_rank": 4, "orthogonal_lambda": 1.0}),
     Method("prompt", "federated prompt tuning (peft, 8 virtual tokens), FedAvg", adapter="prompt"),
+    Method("full", "full-parameter FedAvg: every weight of the base trains and travels (lr 3e-4)", adapter="full",
+           lr=3e-4),
+    Method("pretrain", "federated continued pre-training: full-parameter FedAvg of causal-LM training on every token "
+                       "of the hospitals' text (lr 3e-4)", adapter="full", client={"loss": "pretrain"}, lr=3e-4),
     _dp(0.01), _dp(0.1), _dp(1.0), _dp_sgd(1.0), _dp_sgd(3.0), _dp_sgd(8.0),
     Method("median", "coordinate-wise median of the updates (robust to a minority of poisoned updates)",
            aggregation="median"),

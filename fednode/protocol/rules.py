@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ..canonical import canonical_json
-from ..learning.settings import ADAPTERS, ClientObjective, LoraSettings, PromptSettings, SettingsError
+from ..learning.settings import ADAPTERS, ClientObjective, FullSettings, LoraSettings, PromptSettings, SettingsError
 from ..strategies.base import RulesError
 from .encoding import EncodingError, UpdateEncoding
 
@@ -36,7 +36,7 @@ __all__ = ["RULES_VERSION", "FederationRules", "RulesError"]
 class FederationRules:
     base_model: str                       # hex digest of the base model every update must be trained on
     lora: dict                            # the global adapter's config: LoraSettings (r, alpha, dropout,
-    # target_modules) or, when adapter == "prompt", PromptSettings (num_virtual_tokens)
+    # target_modules), or, when adapter == "prompt", PromptSettings (num_virtual_tokens), or {} when adapter == "full"
     aggregation: str = "fedavg"           # a name in fednode.strategies.registry.STRATEGIES
     params: dict = field(default_factory=dict)  # the aggregation rule's parameters
     weighting: str = "num_samples"        # FedAvg weights: "num_samples" or "uniform"
@@ -46,7 +46,7 @@ class FederationRules:
     # {"mechanism": "hospital", "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}, or record-level
     # fednode.learning.dp_sgd.RecordDP ({"mechanism": "dp_sgd", ...})
     rounds: int = 1                       # the federation ends after this many finalized rounds
-    adapter: str = "lora"                 # "lora" or "prompt" (peft prompt tuning)
+    adapter: str = "lora"                 # "lora", "prompt" (peft prompt tuning) or "full" (every weight of the base)
     client: dict = field(default_factory=dict)  # fednode.learning.settings.ClientObjective fields: what training
     # adds (FedProx, frozen A, a private orthogonal adapter); {} = plain local training
     merge_order: str = "sha256"           # the order updates are summed in: "sha256" (by file digest: the same
@@ -88,10 +88,12 @@ class FederationRules:
             self.adapter_settings, self.objective
         except SettingsError as exc:
             raise RulesError(str(exc)) from None
-        if self.adapter == "prompt" and (self.objective.freeze_a or self.objective.personalized
-                                         or self.aggregation == "lora_exact"):
-            raise RulesError("lora_exact and client freeze_a / local_rank apply to LoRA adapters, not to "
-                             "adapter = 'prompt'")
+        if self.adapter != "lora" and (self.objective.freeze_a or self.objective.personalized
+                                       or self.aggregation == "lora_exact"):
+            raise RulesError(f"lora_exact and client freeze_a / local_rank apply to LoRA adapters, not to "
+                             f"adapter = {self.adapter!r}")
+        if self.version < 2 and (self.adapter == "full" or self.objective.loss != "completion"):
+            raise RulesError("adapter = 'full' and client loss = 'pretrain' need rules version 2")
         self.strategy()  # an unknown rule or bad parameters are refused here, before any round opens
         if self.privacy != {}:  # validated only when set: fednode.learning.privacy imports torch
             from ..learning.privacy import PrivacyError
@@ -102,6 +104,9 @@ class FederationRules:
                 raise RulesError(f"privacy: {exc}") from None
             if self.record_dp is not None and self.version < 2:
                 raise RulesError("privacy: dp_sgd needs rules version 2")
+            if self.record_dp is not None and self.adapter == "full":
+                raise RulesError("privacy: dp_sgd needs per-example gradients, which full-parameter training does not "
+                                 "compute (use LoRA or prompt tuning, or hospital-level DP)")
         if self.secure_aggregation != {}:
             self._check_secure()
         if self.encoding != {}:
@@ -133,7 +138,7 @@ class FederationRules:
             raise RulesError("secure_aggregation cannot check client freeze_a on masked updates")
 
     @property
-    def adapter_settings(self) -> LoraSettings | PromptSettings:
+    def adapter_settings(self) -> LoraSettings | PromptSettings | FullSettings:
         """The global adapter's config as settings (validated)."""
         if self.adapter not in ADAPTERS:
             raise SettingsError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
