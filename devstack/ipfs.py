@@ -1,7 +1,9 @@
 """Start and stop a real local IPFS node: Kubo (``ipfs`` on PATH) if present, else js-ipfs from npm ``ipfs``.
 
-The node is offline and private: HTTP RPC API on 127.0.0.1 only, no gateway, no swarm listeners,
-no bootstrap peers, no MDNS (Kubo's and js-ipfs's ``test`` profile).
+The node is private: HTTP RPC API on 127.0.0.1 only, no gateway, no MDNS, no DHT (Kubo's and js-ipfs's ``test``
+profile, routing off). By default it is offline (no swarm listener, no peers). Given a swarm port it listens on
+127.0.0.1 only and keeps connected to the peers it is given (its bootstrap list, redialled when lost): a
+``cat`` of a CID it lacks is then answered over bitswap by whichever peer holds it.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import json
 import os
 import shutil
 import subprocess
+import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,26 +55,57 @@ class IpfsProcess:
     multiaddr: str
     kind: str  # "kubo" or "js-ipfs"
     state_dir: Path
+    swarm: str | None = None  # /ip4/127.0.0.1/tcp/PORT/p2p/ID when networked, None when offline
 
     @property
     def pid_file(self) -> Path:
         return daemon.pid_file(self.state_dir, "ipfs")
 
 
-def _configure(repo: Path, api_port: int) -> None:
-    """Point the repo's API at 127.0.0.1:api_port; no gateway, swarm listeners or js-ipfs gRPC port."""
+def _configure(repo: Path, api_port: int, swarm_port: int | None, peers: list[str]) -> None:
+    """Point the repo's API at 127.0.0.1:api_port, its swarm at 127.0.0.1:swarm_port (none if None) and its
+    bootstrap list at `peers`; no gateway, DHT or js-ipfs gRPC port."""
     path = repo / "config"
     config = json.loads(path.read_text())
     addresses = config["Addresses"]
-    addresses.update(API=f"/ip4/127.0.0.1/tcp/{api_port}", Gateway=[], Swarm=[])
+    swarm = [] if swarm_port is None else [f"/ip4/127.0.0.1/tcp/{swarm_port}"]
+    addresses.update(API=f"/ip4/127.0.0.1/tcp/{api_port}", Gateway=[], Swarm=swarm)
     addresses.pop("RPC", None)  # js-ipfs's gRPC server (fixed port 5003) starts only if this is set
+    config["Bootstrap"] = list(peers)
+    config.setdefault("Routing", {})["Type"] = "none"  # peers come from the bootstrap list, wants go to them all
     path.write_text(json.dumps(config, indent=2))
 
 
-def start(state_dir: Path, api_port: int = 5001, timeout: float = 60.0) -> IpfsProcess:
-    """Start an offline IPFS daemon with its API on 127.0.0.1:api_port, repo in state_dir/ipfs-repo
-    (initialised with the ``test`` profile on first use; survives a restart), log in state_dir/ipfs.log,
-    pid in state_dir/ipfs.pid. Returns once it answers /api/v0/version."""
+def init(state_dir: Path, timeout: float = 60.0) -> str:
+    """Create the repo state_dir/ipfs-repo (``test`` profile) unless it exists; return its peer ID."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    repo = state_dir / "ipfs-repo"
+    if not (repo / "config").is_file():
+        kind, command = ipfs_command()
+        log_path = state_dir / "ipfs.log"
+        with open(log_path, "ab") as log:
+            try:
+                done = subprocess.run([*command, "init", "--profile", "test", "--empty-repo"], check=False,
+                                      env=_env(repo), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise IpfsDaemonError(f"`{kind} init` took over {timeout:.0f} s; see {log_path}") from None
+        if done.returncode:
+            raise IpfsDaemonError(f"`{kind} init` failed with code {done.returncode}; see {log_path}")
+    return json.loads((repo / "config").read_text())["Identity"]["PeerID"]
+
+
+def _env(repo: Path) -> dict:
+    return {**os.environ, "IPFS_PATH": str(repo), "NO_UPDATE_NOTIFIER": "1"}  # js-ipfs's CLI polls npm weekly
+
+
+def start(state_dir: Path, api_port: int = 5001, timeout: float = 60.0, swarm_port: int | None = None,
+          peers: list[str] = ()) -> IpfsProcess:
+    """Start an IPFS daemon with its API on 127.0.0.1:api_port, repo in state_dir/ipfs-repo (:func:`init`;
+    survives a restart), log in state_dir/ipfs.log, pid in state_dir/ipfs.pid. Offline unless `swarm_port` is
+    given; then it listens on 127.0.0.1:swarm_port and dials `peers` (``/ip4/.../tcp/P/p2p/ID``). Returns once it
+    answers /api/v0/version."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     api_url = f"http://127.0.0.1:{api_port}"
@@ -81,26 +116,40 @@ def start(state_dir: Path, api_port: int = 5001, timeout: float = 60.0) -> IpfsP
         raise IpfsDaemonError(f"an IPFS daemon already runs on {state_dir} (pid {pid}); stop it first")
     stop(state_dir)  # clears the pid file and repo lock of a daemon that died unstopped
     kind, command = ipfs_command()
+    peer_id = init(state_dir, timeout)
     repo = state_dir / "ipfs-repo"
-    env = {**os.environ, "IPFS_PATH": str(repo), "NO_UPDATE_NOTIFIER": "1"}  # js-ipfs's CLI polls npm weekly
-    log_path = state_dir / "ipfs.log"
-    with open(log_path, "ab") as log:
-        if not (repo / "config").is_file():
-            init_args = [*command, "init", "--profile", "test", "--empty-repo"]
-            try:
-                init = subprocess.run(init_args, check=False, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise IpfsDaemonError(f"`{kind} init` took over {timeout:.0f} s; see {log_path}") from None
-            if init.returncode:
-                raise IpfsDaemonError(f"`{kind} init` failed with code {init.returncode}; see {log_path}")
-        _configure(repo, api_port)
-    args = ["daemon", "--offline"] + (["--enable-preload=false"] if kind == "js-ipfs" else [])
+    _configure(repo, api_port, swarm_port, list(peers) if swarm_port is not None else [])
+    args = ["daemon"] + (["--offline"] if swarm_port is None else []) \
+        + (["--enable-preload=false"] if kind == "js-ipfs" else [])
     try:
-        pid = daemon.spawn("ipfs", [*command, *args], state_dir, lambda: api_ready(api_url), timeout, env)
+        pid = daemon.spawn("ipfs", [*command, *args], state_dir, lambda: api_ready(api_url), timeout, _env(repo))
     except daemon.DaemonError as exc:
         raise IpfsDaemonError(f"{kind} {exc}") from None
-    return IpfsProcess(pid, api_url, f"/ip4/127.0.0.1/tcp/{api_port}/http", kind, state_dir)
+    swarm = None if swarm_port is None else f"/ip4/127.0.0.1/tcp/{swarm_port}/p2p/{peer_id}"
+    return IpfsProcess(pid, api_url, f"/ip4/127.0.0.1/tcp/{api_port}/http", kind, state_dir, swarm)
+
+
+def swarm_peers(api_url: str, timeout: float = 5.0) -> set[str]:
+    """The peer IDs the node at api_url is connected to (empty if it does not answer)."""
+    answer = post_json(f"{api_url}/api/v0/swarm/peers", b"", timeout) or {}
+    return {peer["Peer"] for peer in answer.get("Peers") or []}
+
+
+def connect(api_url: str, peers: list[str], timeout: float = 30.0) -> float:
+    """Have the node at api_url dial each of `peers` (``/ip4/.../tcp/P/p2p/ID``) until it is connected to them all;
+    the seconds that took."""
+    started = time.monotonic()
+    wanted = {address.rsplit("/p2p/", 1)[1] for address in peers}
+    while missing := wanted - swarm_peers(api_url):
+        left = timeout - (time.monotonic() - started)
+        if left <= 0:
+            raise IpfsDaemonError(f"the IPFS node at {api_url} could not connect to {', '.join(sorted(missing))} "
+                                  f"within {timeout:.0f} s")
+        for address in peers:
+            if address.rsplit("/p2p/", 1)[1] in missing:
+                post_json(f"{api_url}/api/v0/swarm/connect?arg={urllib.parse.quote(address)}", b"", max(left, 0.5))
+        time.sleep(0.2)
+    return time.monotonic() - started
 
 
 def stop(state_dir: Path, timeout: float = 15.0) -> bool:

@@ -31,6 +31,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """A port P such that P .. P + count - 1 are all free on 127.0.0.1 (for `stack up --ipfs-nodes`)."""
+    while True:
+        base = free_port()
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 def require(check, error: type[Exception], what: str) -> None:
     """Run `check()`; if it raises `error` the real component is missing: fail with that one-line reason when the
     whole suite must run (`make test` sets FEDCHAIN_REQUIRE=all; CI=true does too), skip otherwise."""

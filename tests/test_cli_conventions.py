@@ -25,7 +25,9 @@ def test_errors_are_one_line_and_verbose_shows_the_traceback(tmp_path):
     for args, words in ((("status", "--config", str(config)), "cannot reach JSON-RPC endpoint http://127.0.0.1:1"),
                         (("generate", "--adapter", str(tmp_path), "hi"), "not an exported adapter"),
                         (("adapter", "export", "--config", str(config), "--out", str(tmp_path / "a")),
-                         "http://127.0.0.1:1")):
+                         "http://127.0.0.1:1"),
+                        (("stack", "up", "--dir", str(tmp_path / "s"), "--ipfs-nodes", "0"),
+                         "--ipfs-nodes must be at least 1, got 0")):
         proc = fedchain(*args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
     assert "Traceback" in fedchain("-v", "generate", "--adapter", str(tmp_path), "hi").stderr

@@ -1,11 +1,13 @@
 """IpfsHttpStore against a real local IPFS daemon (js-ipfs from node_modules, or Kubo on PATH)."""
 import os
 import random
+import time
 
 import pytest
 from support import free_port, require
 
 from devstack import ipfs as ipfs_daemon
+from devstack.daemon import post_json
 from fednode.storage import IpfsHttpStore, StorageError
 from fednode.storage.cid import cid_of
 
@@ -92,3 +94,66 @@ def test_restart_keeps_data_and_stop_leaves_no_process(node, store):
     assert again.pid != node.pid
     assert store.has(cid)
     assert store.get(cid) == data
+
+
+def _api(node, command: str) -> dict:
+    answer = post_json(f"{node.api_url}/api/v0/{command}", b"", 10)
+    assert answer is not None, f"{command} did not answer on {node.api_url}"
+    return answer
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two networked IPFS daemons (own repos, API and swarm ports on 127.0.0.1), not yet connected."""
+    require(ipfs_daemon.ipfs_command, ipfs_daemon.IpfsDaemonError, "IPFS node")
+    base = tmp_path_factory.mktemp("ipfs-pair")
+    nodes = [ipfs_daemon.start(base / name, api_port=free_port(), swarm_port=free_port()) for name in "ab"]
+    yield nodes
+    for node in nodes:
+        ipfs_daemon.stop(node.state_dir)
+
+
+def test_content_added_on_one_node_is_fetched_by_another_over_the_swarm(pair):
+    """B gets A's file only once the two are connected, block by block over bitswap: each node is asked only
+    through its own API."""
+    a, b = pair
+    assert a.swarm.rsplit("/", 1)[1] != b.swarm.rsplit("/", 1)[1] and a.api_url != b.api_url
+    data = payload(5 * KIB * KIB + 7)  # 21 raw leaves under one dag-pb root
+    cid = IpfsHttpStore(a.api_url).put(data)
+    with pytest.raises(StorageError, match="timed out after 2s$"):  # no peer: nobody answers B's want
+        IpfsHttpStore(b.api_url, timeout_s=2).get(cid)
+
+    ipfs_daemon.connect(b.api_url, [a.swarm])
+    assert a.swarm.rsplit("/", 1)[1] in ipfs_daemon.swarm_peers(b.api_url)
+    assert b.swarm.rsplit("/", 1)[1] in ipfs_daemon.swarm_peers(a.api_url)
+    received, sent = int(_api(b, "bitswap/stat")["BlocksReceived"]), int(_api(a, "bitswap/stat")["BlocksSent"])
+    store_b = IpfsHttpStore(b.api_url, timeout_s=30)
+    assert store_b.get(cid) == data
+    deadline = time.monotonic() + 10  # js-ipfs updates its bitswap counters about once a second
+    while (int(_api(b, "bitswap/stat")["BlocksReceived"]) - received < 22
+           or int(_api(a, "bitswap/stat")["BlocksSent"]) - sent < 22):
+        assert time.monotonic() < deadline, (_api(a, "bitswap/stat"), _api(b, "bitswap/stat"))
+        time.sleep(0.2)
+    assert not store_b.has(cid)  # fetched, not pinned: B only caches it
+
+
+def test_a_restarted_node_redials_its_peers(pair):
+    a, b = pair
+    ipfs_daemon.stop(b.state_dir)
+    port = int(b.api_url.rsplit(":", 1)[1])
+    swarm_port = int(b.swarm.split("/tcp/")[1].split("/")[0])
+    again = ipfs_daemon.start(b.state_dir, api_port=port, swarm_port=swarm_port, peers=[a.swarm])
+    assert again.swarm == b.swarm  # same repo, same peer ID
+    deadline = time.monotonic() + 30
+    while a.swarm.rsplit("/", 1)[1] not in ipfs_daemon.swarm_peers(b.api_url):
+        assert time.monotonic() < deadline, "the restarted node did not dial its bootstrap peer"
+        time.sleep(0.2)
+    data = payload(300 * KIB + 3)
+    assert IpfsHttpStore(b.api_url, timeout_s=30).get(IpfsHttpStore(a.api_url).put(data)) == data
+
+
+def test_connect_to_a_peer_that_is_not_there_fails_in_one_line(pair, tmp_path):
+    a, _ = pair
+    ghost = ipfs_daemon.init(tmp_path)  # a real peer ID whose daemon never runs
+    with pytest.raises(ipfs_daemon.IpfsDaemonError, match=f"could not connect to {ghost} within 2 s$"):
+        ipfs_daemon.connect(a.api_url, [f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{ghost}"], timeout=2)

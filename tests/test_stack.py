@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import free_port, free_ports
 from web3 import Web3
 
 from chain.clients import Federation
@@ -21,6 +21,7 @@ from chain.connection import connect
 from chain.deployment import Deployment
 from devstack import anvil as anvil_daemon
 from devstack import ipfs as ipfs_daemon
+from devstack.daemon import post_json
 from fednode.learning.data import DataConfig, corpus_texts
 from fednode.learning.models import load_base_model
 from fednode.protocol.ledger import Ledger
@@ -359,3 +360,111 @@ def test_a_late_node_an_absent_hospital_and_outages_of_chain_and_ipfs_are_ridden
     audit = run(["audit", "--rpc", rpc, "--deployment", str(work / "deployment.json"), "--ipfs", ipfs, "--verify"],
                 env)
     assert audit.stdout.strip().endswith("audit: 3 rounds: 1 CANCELLED, 2 VERIFIED")
+
+
+def _bitswap(api: str) -> dict:
+    answer = post_json(f"{api}/api/v0/bitswap/stat", b"", 10)
+    assert answer is not None, f"bitswap/stat did not answer on {api}"
+    return {key: int(answer[key]) for key in ("BlocksReceived", "BlocksSent")}
+
+
+@pytest.fixture(scope="module")
+def multi_stack(tmp_path_factory, model_cache, icd_base):
+    """anvil and four peered IPFS nodes (`stack up --ipfs-nodes 4`): one per hospital and the aggregator's."""
+    work = tmp_path_factory.mktemp("multi")
+    env = {**os.environ, "FEDCHAIN_PASSWORD": PASSWORD, "FEDCHAIN_CACHE": str(model_cache),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    state = work / ".stack"
+    started = time.perf_counter()
+    up = run(["stack", "up", "--dir", str(state), "--anvil-port", str(free_port()), "--ipfs-port",
+              str(free_ports(4)), "--ipfs-swarm-port", str(free_ports(4)), "--ipfs-nodes", "4"], env)
+    record = json.loads((state / "stack.json").read_text())
+    record["wall_startup"] = time.perf_counter() - started
+    yield work, env, record, up.stdout
+    run(["stack", "down", "--dir", str(state)], env, check=False)
+
+
+def test_each_hospital_on_its_own_ipfs_node(multi_stack):
+    """Three hospitals publish to their own IPFS nodes, the aggregator fetches through a fourth: every update
+    reaches it over the swarm (bitswap), never through a shared API. Two rounds finalize, and an audit through
+    hospital-0's node, which holds neither other hospital's updates, re-derives them VERIFIED."""
+    work, env, record, up_out = multi_stack
+    rpc = record["rpc"]
+    apis = [node["api"] for node in record["ipfs_nodes"]]
+    assert len(set(apis)) == 4 and "peered     4 IPFS nodes" in up_out
+    peer_ids = [node["swarm"].rsplit("/", 1)[1] for node in record["ipfs_nodes"]]
+    for i, api in enumerate(apis):
+        assert ipfs_daemon.swarm_peers(api) >= set(peer_ids) - {peer_ids[i]}
+    status = run(["stack", "status", "--dir", str(work / ".stack")], env).stdout.split()
+    assert status == ["anvil", "up", rpc, "ipfs", "up", apis[0]] + [w for i in (1, 2, 3)
+                                                                 for w in (f"ipfs-{i}", "up", apis[i])]
+
+    addresses = {}
+    for name in ("admin", "aggregator", "node0", "node1", "node2"):
+        addresses[name] = run(["wallet", "new", "--out", str(work / f"{name}.json")], env).stdout.split()[0]
+        run(["wallet", "fund", "--rpc", rpc, "--to", addresses[name], "--ether", "5"], env)
+    run(["chain", "deploy", "--rpc", rpc, "--keystore", str(work / "admin.json"), "--aggregator",
+         addresses["aggregator"], "--out", str(work / "deployment.json")], env)
+    admin_cfg = write_config(work / "admin.toml", rpc, apis[3], "admin.json")
+    agg_cfg = write_config(work / "aggregator.toml", rpc, apis[3], "aggregator.json")
+    node_cfgs = [write_config(work / f"node{i}.toml", rpc, apis[i], f"node{i}.json", client=i) for i in range(3)]
+    for i, cfg in enumerate(node_cfgs):
+        run(["node", "join", "--config", str(cfg)], env)
+        run(["admin", "approve", "--config", str(admin_cfg), addresses[f"node{i}"]], env)
+    before = [_bitswap(api) for api in apis]
+
+    logs, procs = {}, {}
+    started = time.perf_counter()
+    for name, cfg in (("aggregator", agg_cfg), *((f"node{i}", c) for i, c in enumerate(node_cfgs))):
+        logs[name] = work / f"{name}.log"
+        procs[name] = subprocess.Popen(FEDCHAIN + ["aggregator" if name == "aggregator" else "node", "run",
+                                                   "--config", str(cfg)],
+                                       stdout=open(logs[name], "a"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(1, started + 600 - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            pytest.fail(f"{name} did not finish:\n" + logs[name].read_text()[-3000:])
+        assert proc.returncode == 0, logs[name].read_text()[-3000:]
+    federation_s = time.perf_counter() - started
+
+    history = Ledger(Federation(connect(rpc), Deployment.load(work / "deployment.json"))).refresh()
+    assert [r.state.name for r in history.rounds.values()] == ["FINALIZED", "FINALIZED"]
+    assert history.rounds[2].base_cid_digest == history.rounds[1].finalized.cid_digest
+    hospital = {Web3.to_checksum_address(addresses[f"node{i}"]): i for i in range(3)}
+    stores = [IpfsHttpStore(api, timeout_s=20) for api in apis]
+    for rnd in history.rounds.values():
+        assert list(rnd.finalized.verdicts) == [0, 0, 0]
+        assert sorted(hospital[s.node] for s in rnd.submissions) == [0, 1, 2]
+        for sub in rnd.submissions:
+            cid = locate(stores[hospital[sub.node]], sub.cid_digest, sub.file_sha256)
+            # added (so pinned) only on its hospital's node; the aggregator's node fetched it without pinning
+            assert [store.has(cid) for store in stores] == [i == hospital[sub.node] for i in range(4)]
+        final = locate(stores[3], rnd.finalized.cid_digest, rnd.finalized.file_sha256)
+        assert [store.has(final) for store in stores] == [False, False, False, True]  # the aggregator's
+    for name in ("node0", "node1", "node2"):
+        assert "federation complete" in logs[name].read_text()
+
+    # an auditor through hospital-0's node: hospital-1's and hospital-2's updates come over the swarm
+    audited = time.perf_counter()
+    audit = run(["audit", "--rpc", rpc, "--deployment", str(work / "deployment.json"), "--ipfs", apis[0],
+                 "--verify"], env)
+    audit_s = time.perf_counter() - audited
+    assert audit.stdout.strip().endswith("audit: 2 rounds VERIFIED")
+
+    # bitswap moved the bytes: every hospital's node sent blocks, the aggregator's received them
+    deadline = time.monotonic() + 10  # js-ipfs updates its counters about once a second
+    while True:
+        delta = [{k: v - b[k] for k, v in _bitswap(api).items()} for api, b in zip(apis, before, strict=True)]
+        if all(d["BlocksSent"] > 0 for d in delta[:3]) and delta[3]["BlocksReceived"] >= 6 \
+                and delta[0]["BlocksReceived"] >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert all(d["BlocksSent"] > 0 for d in delta[:3]), delta
+    assert delta[3]["BlocksReceived"] >= 6 and delta[3]["BlocksSent"] > 0, delta  # 6 updates in, 2 globals out
+    assert delta[0]["BlocksReceived"] >= 4, delta  # the audit's 4 foreign updates (and the globals)
+    print(f"\n4 IPFS nodes: stack up {record['wall_startup']:.1f} s, federation {federation_s:.1f} s, audit through "
+          f"hospital-0's node {audit_s:.1f} s; bitswap blocks per node (received, sent): "
+          f"{[(d['BlocksReceived'], d['BlocksSent']) for d in delta]}")

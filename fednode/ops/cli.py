@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from devstack.stack import BLOCK_TIME
+from devstack.stack import BLOCK_TIME, SWARM_PORT
 
 from ..protocol.methods import METHODS
 from .console import EXIT_CODES, configure_logging, version
@@ -113,17 +113,22 @@ def cmd_stack(args) -> int:
     if args.stack_command == "up":
         if args.block_time < 0:
             raise ValueError(f"--block-time must be >= 0 seconds, got {args.block_time:g}")
-        result = stack.up(Path(args.dir), args.anvil_port, args.ipfs_port, args.block_time)
+        if args.ipfs_nodes < 1:
+            raise ValueError(f"--ipfs-nodes must be at least 1, got {args.ipfs_nodes}")
+        result = stack.up(Path(args.dir), args.anvil_port, args.ipfs_port, args.block_time,
+                          ipfs_nodes=args.ipfs_nodes, swarm_port=args.ipfs_swarm_port)
+        apis = ", ".join(f'"{node["api"]}"' for node in result.ipfs_nodes)
         print(f"stack up in {result.startup_seconds['total']:.1f} s: rpc = \"{result.rpc}\", "
-              f"ipfs = \"{result.ipfs_api}\"")
+              + (f"ipfs = \"{result.ipfs_api}\"" if args.ipfs_nodes == 1 else f"ipfs nodes = [{apis}]"))
     elif args.stack_command == "down":
         stack.down(Path(args.dir))
     else:
         health = stack.status(Path(args.dir))
         record = stack.Stack.record(Path(args.dir))
         urls = json.loads(record.read_text()) if record.is_file() else {}
-        for (name, ok), key in zip(health.items(), ("rpc", "ipfs_api"), strict=True):
-            print(f"{name:<6} {'up' if ok else 'down':<5} {urls.get(key, 'not started here')}")
+        addresses = [urls.get("rpc"), urls.get("ipfs_api")] + [n["api"] for n in urls.get("ipfs_nodes", [])[1:]]
+        for (name, ok), url in zip(health.items(), addresses, strict=True):
+            print(f"{name:<6} {'up' if ok else 'down':<5} {url or 'not started here'}")
         return 0 if all(health.values()) else 1
     return 0
 
@@ -376,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipfs", default="http://127.0.0.1:5001", help="the IPFS API address")
     p.set_defaults(func=cmd_init)
 
-    stack = sub.add_parser("stack", help="a local anvil + IPFS node on 127.0.0.1").add_subparsers(
+    stack = sub.add_parser("stack", help="a local anvil + IPFS node(s) on 127.0.0.1").add_subparsers(
         dest="stack_command", required=True)
     for name, text in (("up", "start both, health-checked"), ("down", "stop both by pid"),
                        ("status", "health of both")):
@@ -384,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dir", default=".stack", help="state, logs and pid files")
         if name == "up":
             p.add_argument("--anvil-port", type=int, default=8545)
-            p.add_argument("--ipfs-port", type=int, default=5001)
+            p.add_argument("--ipfs-port", type=int, default=5001, help="the first IPFS node's API port (node i: +i)")
+            p.add_argument("--ipfs-nodes", type=int, default=1,
+                           help="IPFS nodes to start: 1 is offline; more are peered over a swarm on 127.0.0.1")
+            p.add_argument("--ipfs-swarm-port", type=int, default=SWARM_PORT,
+                           help="the first node's swarm port when --ipfs-nodes > 1 (node i: +i)")
             p.add_argument("--block-time", type=float, default=BLOCK_TIME,
                            help="seconds between anvil's blocks (0: mine only when a transaction arrives)")
         p.set_defaults(func=cmd_stack)
