@@ -122,12 +122,15 @@ def plot(report: dict, path: Path) -> None:
             ax.invert_yaxis()
             ax.set_title(f"{setting}: {label}", fontsize=9)
             ax.grid(axis="x", alpha=0.3)
-        # the axis spans the non-DP methods' differences (not the common baseline); a DP bar beyond it is labelled
-        losses = [stats[m]["final"]["worst_loss"]["mean"] for m in methods]
-        shown = [loss for m, loss in zip(methods, losses) if "epsilon" not in stats[m]] or losses
-        spread = max(shown) - min(shown) or 0.1
-        right = max(shown) + spread
-        row[0].set_xlim(min(shown) - spread, right)
+        # the axis spans the non-DP methods' means and error bars (not the common baseline); a DP bar beyond it
+        # is labelled
+        finals = [stats[m]["final"]["worst_loss"] for m in methods]
+        losses = [f["mean"] for f in finals]
+        shown = [f for m, f in zip(methods, finals) if "epsilon" not in stats[m]] or finals
+        low, high = min(f["mean"] - f["sd"] for f in shown), max(f["mean"] + f["sd"] for f in shown)
+        margin = 0.1 * (high - low) or 0.1
+        right = high + margin
+        row[0].set_xlim(low - margin, right)
         for y, loss in zip(ys, losses):
             if loss > right:
                 row[0].text(right, y, f"{loss:.2f} >", ha="right", va="center", fontsize=7, color="white")
