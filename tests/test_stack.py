@@ -55,6 +55,19 @@ def run(args, env, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+def finish(procs: dict[str, subprocess.Popen], logs: dict[str, Path], deadline: float) -> None:
+    """Wait for every process until `deadline` (time.monotonic()); one that does not finish in time kills them
+    all and fails the test with its log, one that exits nonzero fails it with its log."""
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            pytest.fail(f"{name} did not finish:\n" + logs[name].read_text()[-3000:])
+        assert proc.returncode == 0, logs[name].read_text()[-3000:]
+
+
 def toml_value(value) -> str:
     """A TOML value: JSON for scalars, an inline table for a dict."""
     if isinstance(value, dict):
@@ -168,14 +181,7 @@ def test_three_node_processes_two_masked_rounds_with_a_node_killed_mid_round(sta
     assert "submitted" not in killed_log
     procs["node1"] = spawn("node1", ["node", "run", "--config", str(node_cfgs[1])])
 
-    for name, proc in procs.items():
-        try:
-            proc.wait(timeout=max(1, deadline + 300 - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            pytest.fail(f"{name} did not finish:\n" + (work / f"{name}.log").read_text()[-3000:])
-        assert proc.returncode == 0, (work / f"{name}.log").read_text()[-3000:]
+    finish(procs, {name: work / f"{name}.log" for name in procs}, deadline + 300)
     for fh in logs.values():
         fh.close()
 
@@ -420,14 +426,7 @@ def test_each_hospital_on_its_own_ipfs_node(multi_stack):
         procs[name] = subprocess.Popen(FEDCHAIN + ["aggregator" if name == "aggregator" else "node", "run",
                                                    "--config", str(cfg)],
                                        stdout=open(logs[name], "a"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    for name, proc in procs.items():
-        try:
-            proc.wait(timeout=max(1, started + 600 - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            pytest.fail(f"{name} did not finish:\n" + logs[name].read_text()[-3000:])
-        assert proc.returncode == 0, logs[name].read_text()[-3000:]
+    finish(procs, logs, time.monotonic() + 600 - (time.perf_counter() - started))
     federation_s = time.perf_counter() - started
 
     history = Ledger(Federation(connect(rpc), Deployment.load(work / "deployment.json"))).refresh()
